@@ -1,0 +1,79 @@
+// Python binding of the compiled ops. Deliberately thin and torch-free: pointers arrive as integers
+// (tensor.data_ptr()), streams as integers (torch.cuda.current_stream().cuda_stream), and every
+// status code becomes a Python exception. Validation and allocation live in python/ucgm_fast/.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "ucgm/common.h"
+#include "ucgm/transport_ops.h"
+
+namespace py = pybind11;
+using ptr = std::uintptr_t;
+
+namespace {
+
+template <typename T> const void* cp(T p) { return reinterpret_cast<const void*>(p); }
+template <typename T> void* mp(T p) { return reinterpret_cast<void*>(p); }
+
+void check(int status, const char* op, bool cuda) {
+  if (status == 0) return;
+#ifdef UCGM_WITH_CUDA
+  if (cuda) throw std::runtime_error(std::string("ucgm_fast.") + op + ": CUDA error: " + ucgm::cuda_error_string(status));
+#endif
+  (void)cuda;
+  throw std::invalid_argument(std::string("ucgm_fast.") + op + ": invalid argument (status " + std::to_string(status) + ")");
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["cpu"] = true;
+#ifdef _OPENMP
+  d["openmp"] = true;
+  d["openmp_version"] = _OPENMP;
+#else
+  d["openmp"] = false;
+#endif
+#ifdef UCGM_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_version"] = UCGM_CUDA_VERSION;
+  d["cuda_architectures"] = UCGM_CUDA_ARCHITECTURES;
+#else
+  d["cuda"] = false;
+  d["cuda_version"] = py::none();
+  d["cuda_architectures"] = py::none();
+#endif
+#ifdef UCGM_SANITIZE
+  d["sanitize"] = true;
+#else
+  d["sanitize"] = false;
+#endif
+  d["compiler"] = UCGM_CXX_COMPILER;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ucgm_fast compiled kernels (raw-pointer interface; use the ucgm_fast package instead).";
+  m.def("build_info", &build_info);
+  auto gil = py::call_guard<py::gil_scoped_release>();
+
+  m.def("mix_cpu", [](int dtype, ptr u, ptr v, ptr t, int64_t ts, ptr o1, ptr o2, int64_t rows, int64_t rs, int tr, int mode) {
+    check(ucgm::mix_cpu(dtype, cp(u), cp(v), cp(t), ts, mp(o1), mp(o2), rows, rs, tr, mode), "mix", false);
+  }, gil);
+  m.def("coefficients_cpu", [](int dtype, ptr t, int64_t n, int tr, ptr ai, ptr gi, ptr at, ptr gt) {
+    check(ucgm::coefficients_cpu(dtype, cp(t), n, tr, mp(ai), mp(gi), mp(at), mp(gt)), "coefficients", false);
+  }, gil);
+
+#ifdef UCGM_WITH_CUDA
+  m.def("mix_cuda", [](int dtype, ptr u, ptr v, ptr t, int64_t ts, ptr o1, ptr o2, int64_t rows, int64_t rs, int tr, int mode, ptr s) {
+    check(ucgm::mix_cuda(dtype, cp(u), cp(v), cp(t), ts, mp(o1), mp(o2), rows, rs, tr, mode, mp(s)), "mix", true);
+  }, gil);
+  m.def("coefficients_cuda", [](int dtype, ptr t, int64_t n, int tr, ptr ai, ptr gi, ptr at, ptr gt, ptr s) {
+    check(ucgm::coefficients_cuda(dtype, cp(t), n, tr, mp(ai), mp(gi), mp(at), mp(gt), mp(s)), "coefficients", true);
+  }, gil);
+#endif
+}

@@ -1,0 +1,56 @@
+// Row-aware OpenMP partitioning shared by the CPU kernels: the flat range rows*row_size is split
+// evenly over threads (so one huge row and many small rows both use every core), and each thread
+// walks its slice one row segment at a time, so per-row work (the coefficients of t[row]) is done
+// once per segment and the inner loop over elements stays vectorizable.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "../ucgm/common.h"
+
+namespace ucgm {
+
+// Below this many elements a parallel region costs more than it saves.
+constexpr int64_t kParallelGrain = 1 << 15;
+
+template <typename F>
+void for_each_row_segment(int64_t rows, int64_t row_size, F&& f) {
+  const int64_t n = rows * row_size;
+  if (n <= 0) return;
+#ifdef _OPENMP
+#pragma omp parallel if (n >= kParallelGrain)
+  {
+    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+  {
+    const int64_t nt = 1, id = 0;
+#endif
+    // Slice boundaries on 64-element multiples keep threads off each other's cache lines.
+    const int64_t begin = std::min(n, (n * id / nt) & ~int64_t(63));
+    const int64_t end = id == nt - 1 ? n : std::min(n, (n * (id + 1) / nt) & ~int64_t(63));
+    for (int64_t i = begin; i < end;) {
+      const int64_t row = i / row_size;
+      const int64_t stop = std::min(end, (row + 1) * row_size);
+      f(row, i, stop);
+      i = stop;
+    }
+  }
+}
+
+// Calls f(S{}, C{}) with the storage type S of dtype and its compute type C.
+template <typename F>
+int dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: return f(float{}, float{});
+    case kFloat64: return f(double{}, double{});
+    case kFloat16: return f(Half{}, float{});
+    case kBFloat16: return f(BFloat16{}, float{});
+    default: return kBadArgument;
+  }
+}
+
+}  // namespace ucgm

@@ -1,0 +1,48 @@
+// CUDA-side counterparts of cpu/parallel.h: storage types per dtype code, device loads/stores of
+// the 16-bit formats, and a grid size that covers the device without oversubscribing it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../ucgm/common.h"
+
+namespace ucgm {
+
+template <typename C> __device__ __forceinline__ C load(__half v) { return static_cast<C>(__half2float(v)); }
+template <typename C> __device__ __forceinline__ C load(__nv_bfloat16 v) { return static_cast<C>(__bfloat162float(v)); }
+template <> __device__ __forceinline__ __half store<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Calls f(S{}, C{}) with the device storage type S of dtype and its compute type C.
+template <typename F>
+int dispatch_dtype_cuda(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: return f(float{}, float{});
+    case kFloat64: return f(double{}, double{});
+    case kFloat16: return f(__half{}, float{});
+    case kBFloat16: return f(__nv_bfloat16{}, float{});
+    default: return kBadArgument;
+  }
+}
+
+// Grid-stride kernels: enough blocks to fill every SM a few times, never more than the work needs.
+inline int grid_size(int64_t work_items, int block) {
+  static int sm_count[64] = {0};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 64 && sm_count[dev] == 0) cudaDeviceGetAttribute(&sm_count[dev], cudaDevAttrMultiProcessorCount, dev);
+  const int64_t cap = int64_t(dev < 64 && sm_count[dev] > 0 ? sm_count[dev] : 132) * 8;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(cap, (work_items + block - 1) / block)));
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Launch errors are reported; a kernel's asynchronous faults surface at the next synchronizing call.
+inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
+
+template <typename S, int V> struct alignas(sizeof(S) * V) Vec { S x[V]; };
+
+}  // namespace ucgm

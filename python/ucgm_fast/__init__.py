@@ -1,0 +1,14 @@
+"""ucgm_fast: fused C++/CUDA kernels for UCGM (Unified Continuous Generative Models).
+
+One framework that trains and samples diffusion / flow-matching models (many steps) and
+consistency models (1-2 steps). See ``ucgm_fast.reference`` for the eager PyTorch oracle.
+"""
+from . import reference
+from ._kernels import build_info
+from .ops import coefficients, decode, interpolate
+from .transports import TRANSPORTS, Transport, get_transport
+
+__version__ = "0.1.0"
+
+__all__ = ["TRANSPORTS", "Transport", "get_transport", "build_info", "coefficients", "interpolate", "decode",
+           "reference"]

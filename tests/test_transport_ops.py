@@ -1,0 +1,243 @@
+"""coefficients / interpolate / decode: fused kernels vs the float64 eager reference."""
+import pytest
+import torch
+
+import ucgm_fast
+from ucgm_fast import reference
+from conftest import DTYPES, assert_close_to_oracle, rel_err
+
+TRANSPORTS = ucgm_fast.TRANSPORTS
+# (B, feature shape): awkward sizes, a single sample, a large odd row.
+SHAPES = [(1, (1,)), (7, (1,)), (3, (7,)), (129, (2, 3)), (2, (129,)), (3, (1000003,))]
+T_FORMS = ["float", "0d", "B", "B111", "f64", "expanded"]
+
+
+def make_t(form, batch, device, gen, ndim=2):
+    t = torch.rand(batch, generator=gen, dtype=torch.float64).clamp(0.02, 0.98).to(device)
+    if form == "float":
+        return 0.37
+    if form == "0d":
+        return t[0].float()
+    if form == "B":
+        return t.float()
+    if form == "B111":
+        return t.float().reshape((batch,) + (1,) * (ndim - 1))
+    if form == "f64":
+        return t
+    return t[:1].float().expand(batch)
+
+
+def data(batch, feat, dtype, device, gen, noncontig=False):
+    """Random (x, z) of shape (batch, *feat); noncontig gives strided views of larger buffers."""
+    shape = (batch,) + feat
+    if noncontig:
+        big = torch.randn((batch,) + feat[:-1] + (2 * feat[-1],), generator=gen, dtype=torch.float64)
+        x = big.to(device, dtype)[..., ::2]
+        z = torch.randn(shape[::-1], generator=gen, dtype=torch.float64).to(device, dtype).permute(
+            *reversed(range(len(shape))))
+        assert feat[-1] == 1 or not (x.is_contiguous() or z.is_contiguous())
+        return x, z
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).to(device, dtype)
+    z = torch.randn(shape, generator=gen, dtype=torch.float64).to(device, dtype)
+    return x, z
+
+
+def as64(t):
+    return t.double() if isinstance(t, torch.Tensor) else t
+
+
+def check_op(op, a, b, t, transport, dtype):
+    out = getattr(ucgm_fast, op)(a, b, t, transport)
+    oracle = getattr(reference, op)(a.double(), b.double(), as64(t), transport)
+    peer = getattr(reference, op)(a, b, t, transport)
+    assert out[0].shape == a.shape and out[0].device == a.device
+    assert_close_to_oracle(out, oracle, peer, dtype)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["interpolate", "decode"])
+def test_ops_match_reference(device, op, dtype, transport):
+    gen = torch.Generator().manual_seed(hash((op, str(dtype), transport)) % 2**31)
+    for batch, feat in SHAPES:
+        forms = ["B"] if batch * feat[-1] > 10**5 else T_FORMS
+        for noncontig in (False, True):
+            x, z = data(batch, feat, dtype, device, gen, noncontig)
+            for form in forms:
+                check_op(op, x, z, make_t(form, batch, device, gen, x.dim()), transport, dtype)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_coefficients_match_reference(device, dtype, transport):
+    t = torch.linspace(0.01, 0.99, 1001, dtype=torch.float64).to(device)
+    for tt in (t.to(dtype), t.to(dtype).reshape(7, 11, 13), t.to(dtype)[::3]):
+        out = ucgm_fast.coefficients(tt, transport)
+        oracle = reference.coefficients(tt.double(), transport)
+        peer = reference.coefficients(tt, transport)
+        for o in out:
+            assert o.shape == tt.shape and o.dtype == dtype
+        assert_close_to_oracle(out, oracle, peer, dtype)
+    scalar = ucgm_fast.coefficients(0.25, transport)
+    assert scalar[0].dim() == 0 and scalar[0].dtype == torch.float32
+
+
+def test_coefficients_formulas():
+    """Spot values straight from DESIGN.md, independent of the reference module."""
+    t = torch.tensor([0.3], dtype=torch.float64)
+    c = 1.57
+    ai, gi, at, gt = ucgm_fast.coefficients(t, "TrigFlow")
+    assert torch.allclose(ai, torch.sin(c * t)) and torch.allclose(gt, -torch.sin(c * t))
+    s = torch.exp(4 * (2.68 * t - 1.59))
+    ai, gi, at, gt = ucgm_fast.coefficients(t, "EDM")
+    r = 1 / torch.sqrt(s * s + 0.25)
+    assert torch.allclose(torch.stack([ai, gi, at, gt]), torch.stack([s * r, r, -0.5 * r, 2 * s * r]))
+    ai, gi, at, gt = ucgm_fast.coefficients(t, "Random")
+    assert torch.allclose(gt, -1 - torch.exp(-5 * t)) and torch.allclose(gi, 1 - t)
+    assert [float(v) for v in ucgm_fast.coefficients(t, "ReLinear")] == [0.7, 0.3, -1.0, 1.0]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_decode_inverts_interpolate(device, transport):
+    x, z = data(5, (3, 4), torch.float64, device, torch.Generator().manual_seed(0))
+    t = torch.rand(5, dtype=torch.float64, device=device) * 0.9 + 0.05
+    x_t, target = ucgm_fast.interpolate(x, z, t, transport)
+    x_hat, z_hat = ucgm_fast.decode(x_t, target, t, transport)
+    assert rel_err(x_hat, x) < 1e-10 and rel_err(z_hat, z) < 1e-10
+
+
+@pytest.mark.parametrize("op", ["interpolate", "decode"])
+@pytest.mark.parametrize("transport", ["Linear", "EDM", "Random"])
+def test_gradcheck(device, op, transport):
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    b = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    t = torch.rand(4, generator=gen, dtype=torch.float64).to(device) * 0.9 + 0.05
+    fn = lambda u, v: getattr(ucgm_fast, op)(u, v, t, transport)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (a, b))
+    assert torch.autograd.gradgradcheck(fn, (a, b))
+
+
+def test_gradients_match_reference(device):
+    gen = torch.Generator().manual_seed(2)
+    x_t = torch.randn(6, 4, 3, generator=gen).to(device).requires_grad_()
+    F = torch.randn(6, 4, 3, generator=gen).to(device).requires_grad_()
+    t = torch.rand(6, generator=gen).to(device)
+    w = torch.randn(6, 4, 3, generator=gen).to(device)
+    grads = []
+    for impl in (ucgm_fast, reference):
+        x_hat, z_hat = impl.decode(x_t, F, t, "TrigFlow")
+        grads.append(torch.autograd.grad((x_hat * w).sum() + z_hat.square().sum(), (x_t, F)))
+    for g, r in zip(*grads):
+        assert rel_err(g, r) < 1e-5
+    # Only one output used (the other's gradient is None): Linear z_hat = x_t + (1 - t) F.
+    g = torch.autograd.grad(ucgm_fast.decode(x_t, F, t, "Linear")[1].sum(), F)[0]
+    assert torch.allclose(g, (1 - t).reshape(-1, 1, 1).expand_as(g))
+
+
+def test_opcheck(device):
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 2, 5, generator=gen).to(device)
+    b = torch.randn(3, 2, 5, generator=gen).to(device)
+    t = torch.rand(3, generator=gen).to(device)
+    for name in ("interpolate", "interpolate_backward", "decode", "decode_backward"):
+        op = getattr(torch.ops.ucgm_fast, name)
+        torch.library.opcheck(op, (a, b, t, 4))
+        torch.library.opcheck(op, (a.clone().requires_grad_(), b.clone().requires_grad_(), t, 0))
+        torch.library.opcheck(op, (a[:, :, ::2], b[:, :, ::2], t[:1].expand(3), 2))
+    torch.library.opcheck(torch.ops.ucgm_fast.coefficients, (t, 4))
+
+
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+
+    def step(x, z, t, F):
+        x_t, target = ucgm_fast.interpolate(x, z, t, "TrigFlow")
+        x_hat, z_hat = ucgm_fast.decode(x_t, F * target, t, "TrigFlow")
+        return (x_hat - x).square().mean() + z_hat.abs().mean()
+
+    gen = torch.Generator().manual_seed(4)
+    x, z = (torch.randn(8, 4, 6, generator=gen).to(device) for _ in range(2))
+    F = torch.randn(8, 4, 6, generator=gen).to(device).requires_grad_()
+    t = torch.rand(8, generator=gen).to(device)
+    compiled = torch.compile(step, fullgraph=True)
+    loss_c = compiled(x, z, t, F)
+    (g_c,) = torch.autograd.grad(loss_c, F)
+    loss_e = step(x, z, t, F)
+    (g_e,) = torch.autograd.grad(loss_e, F)
+    assert torch.allclose(loss_c, loss_e, rtol=1e-5) and torch.allclose(g_c, g_e, rtol=1e-5, atol=1e-7)
+
+
+def test_empty_batch(device):
+    x = torch.empty(0, 3, 4, device=device)
+    for op in (ucgm_fast.interpolate, ucgm_fast.decode):
+        a, b = op(x, x, torch.empty(0, device=device), "EDM")
+        assert a.shape == x.shape and b.shape == x.shape
+        a, b = op(x, x, 0.5, "EDM")
+        assert a.shape == x.shape
+    assert ucgm_fast.coefficients(torch.empty(0, device=device), "Linear")[0].shape == (0,)
+
+
+def test_custom_transport_uses_reference(device):
+    lin = ucgm_fast.Transport(alpha_in=lambda t: t, gamma_in=lambda t: 1 - t,
+                              alpha_to=lambda t: torch.ones_like(t), gamma_to=lambda t: -1.0)
+    x, z = data(4, (5,), torch.float32, device, torch.Generator().manual_seed(5))
+    t = torch.rand(4, device=device)
+    for op in ("interpolate", "decode"):
+        ours = getattr(ucgm_fast, op)(x, z, t, lin)
+        builtin = getattr(ucgm_fast, op)(x, z, t, "Linear")
+        for a, b in zip(ours, builtin):
+            assert torch.allclose(a, b, atol=1e-6)
+    assert lin.noise_time == 1.0 and ucgm_fast.get_transport("ReLinear").noise_time == 0.0
+
+
+def test_build_info():
+    info = ucgm_fast.build_info()
+    for key in ("cpu", "cuda", "cuda_version", "cuda_architectures", "openmp"):
+        assert key in info
+    assert info["cpu"] is True
+
+
+class TestBadInput:
+    x = torch.randn(4, 3)
+
+    def test_unknown_transport(self):
+        with pytest.raises(ValueError, match="valid names are Linear, ReLinear"):
+            ucgm_fast.decode(self.x, self.x, 0.5, "Cosine")
+        with pytest.raises(TypeError, match="transport"):
+            ucgm_fast.interpolate(self.x, self.x, 0.5, 3)
+
+    def test_shape_mismatch(self):
+        with pytest.raises(ValueError, match="F has shape"):
+            ucgm_fast.decode(self.x, torch.randn(4, 2), 0.5, "Linear")
+
+    def test_t_batch(self):
+        with pytest.raises(ValueError, match="t has shape .* B = 4"):
+            ucgm_fast.interpolate(self.x, self.x, torch.rand(3), "Linear")
+        with pytest.raises(ValueError, match="t has shape"):
+            ucgm_fast.interpolate(self.x, self.x, torch.rand(4, 2), "Linear")
+
+    def test_dtypes(self):
+        with pytest.raises(TypeError, match="x has dtype torch.int64"):
+            ucgm_fast.interpolate(self.x.long(), self.x.long(), 0.5, "Linear")
+        with pytest.raises(TypeError, match="z has dtype torch.complex64"):
+            ucgm_fast.interpolate(self.x, self.x.to(torch.complex64), 0.5, "Linear")
+        with pytest.raises(TypeError, match="F has dtype torch.float64 but x_t has dtype torch.float32"):
+            ucgm_fast.decode(self.x, self.x.double(), 0.5, "Linear")
+        with pytest.raises(TypeError, match="t has dtype"):
+            ucgm_fast.decode(self.x, self.x, torch.ones(4, dtype=torch.long), "Linear")
+        with pytest.raises(TypeError, match="t has dtype"):
+            ucgm_fast.coefficients(torch.ones(4, dtype=torch.long), "Linear")
+
+    def test_not_tensor_or_no_batch(self):
+        with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+            ucgm_fast.interpolate([1.0], self.x, 0.5, "Linear")
+        with pytest.raises(ValueError, match="batch dimension"):
+            ucgm_fast.interpolate(torch.tensor(1.0), torch.tensor(1.0), 0.5, "Linear")
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    def test_devices(self):
+        with pytest.raises(ValueError, match="is on cuda"):
+            ucgm_fast.decode(self.x, self.x.cuda(), 0.5, "Linear")
+        with pytest.raises(ValueError, match="t is on"):
+            ucgm_fast.decode(self.x.cuda(), self.x.cuda(), torch.rand(4), "Linear")
