@@ -76,4 +76,13 @@ PYBIND11_MODULE(_C, m) {
     check(ucgm::coefficients_cuda(dtype, cp(t), n, tr, mp(ai), mp(gi), mp(at), mp(gt), mp(s)), "coefficients", true);
   }, gil);
 #endif
+
+  // ---- objective ops (ucgm/objective_ops.h) ----
+  // ---- end objective ops ----
+
+  // ---- sampler ops (ucgm/sampler_ops.h) ----
+  // ---- end sampler ops ----
+
+  // ---- model block ops (ucgm/block_ops.h) ----
+  // ---- end model block ops ----
 }

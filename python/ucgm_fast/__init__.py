@@ -12,3 +12,12 @@ __version__ = "0.1.0"
 
 __all__ = ["TRANSPORTS", "Transport", "get_transport", "build_info", "coefficients", "interpolate", "decode",
            "reference"]
+
+# -- objective (objective.py, ops/objective.py) --
+# -- end objective --
+
+# -- sampler (sampler.py, ops/sampler.py) --
+# -- end sampler --
+
+# -- models, training, data, evaluation (models/, train.py, data.py, metrics.py) --
+# -- end models --

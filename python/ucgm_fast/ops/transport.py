@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
-from ._kernels import DTYPE_CODE, Kernel, eager_fast_path
-from ._validate import batch_times, check_data, compute_dtype
-from .transports import TRANSPORTS, get_transport
+from ..reference import transport as reference
+from .._kernels import DTYPE_CODE, Kernel, eager_fast_path
+from .._validate import batch_times, check_data, compute_dtype
+from ..transports import TRANSPORTS, get_transport
 
 __all__ = ["coefficients", "interpolate", "decode"]
 

@@ -1,7 +1,5 @@
-"""Eager PyTorch reference of every ucgm_fast op, written from the published formulas.
+"""Eager reference of the transport ops: coefficients, interpolate, decode and their adjoints.
 
-Same signatures as the fused ops. It is the test oracle (run in float64), the path taken by a
-user-defined :class:`~ucgm_fast.Transport`, and the fallback where no compiled kernel exists.
 Coefficients are evaluated in float32 (float64 for float64 data) and results are returned in
 the data's dtype, like the fused ops.
 """
@@ -9,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import batch_times, check_data, compute_dtype
-from .transports import get_transport
+from .._validate import batch_times, check_data, compute_dtype
+from ..transports import get_transport
 
 __all__ = ["coefficients", "interpolate", "decode", "interpolate_backward", "decode_backward"]
 

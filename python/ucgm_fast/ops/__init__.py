@@ -1,0 +1,9 @@
+"""The fused ops, one module per op group, each registered as torch.library custom ops in the
+``ucgm_fast`` namespace (fake + CPU/CUDA kernels + autograd) with a validating public function."""
+from .transport import coefficients, decode, interpolate
+
+# -- objective ops (objective.py) --
+# -- end objective ops --
+
+# -- sampler ops (sampler.py) --
+# -- end sampler ops --
