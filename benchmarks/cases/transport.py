@@ -1,0 +1,74 @@
+"""Transport ops: coefficients, interpolate and decode for each transport.
+
+interpolate and decode read two data tensors and write two, so their floor is 4 passes over
+memory; coefficients reads t and writes four tensors like it.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+import ucgm_fast
+from ucgm_fast import reference
+from harness.case import Case, Plan, Workload, to_float64
+
+GROUP = "transport"
+QUICK_TRANSPORTS = ("Linear", "EDM")  # the cheapest and the most arithmetic-heavy transport
+PAIR_OPS = ("interpolate", "decode")
+
+
+def _pair_workload(plan: Plan, op: str, transport: str, shape: tuple, dtype: torch.dtype) -> Workload:
+    gen = plan.generator(op, transport, shape, str(dtype))
+    a, b = plan.randn(shape, dtype, gen), plan.randn(shape, dtype, gen)
+    t = plan.times(shape[0], gen)
+    args = (a, b, t, transport)
+    ref = getattr(reference, op)
+    return Workload(args=args, eager=ref, fused=getattr(ucgm_fast, op), oracle=lambda: ref(*to_float64(args)),
+                    nbytes=4 * a.numel() * a.element_size() + t.numel() * t.element_size())
+
+
+def _coefficients_workload(plan: Plan, transport: str, shape: tuple, dtype: torch.dtype) -> Workload:
+    gen = plan.generator("coefficients", transport, shape, str(dtype))
+    n = 1
+    for s in shape:
+        n *= s
+    t = plan.times(n, gen).to(dtype).reshape(shape)
+    args = (t, transport)
+    return Workload(args=args, eager=reference.coefficients, fused=ucgm_fast.coefficients,
+                    oracle=lambda: reference.coefficients(*to_float64(args)), nbytes=5 * t.numel() * t.element_size())
+
+
+def _rows(plan: Plan):
+    """(size, shape, dtype) of the data rows: the quick set keeps bfloat16 at the large size only."""
+    for size, shape in plan.data_shapes():
+        for dtype in plan.dtypes:
+            if plan.quick and dtype != torch.float32 and size != "large":
+                continue
+            yield size, shape, dtype
+
+
+def cases(plan: Plan):
+    transports = QUICK_TRANSPORTS if plan.quick else ucgm_fast.TRANSPORTS
+    rows = list(_rows(plan))
+    for op in PAIR_OPS:
+        for transport in transports:
+            for size, shape, dtype in rows:
+                yield Case(GROUP, op, transport, shape, dtype, size,
+                           partial(_pair_workload, plan, op, transport, shape, dtype))
+    # t is one time per sample: (B,) at training sizes; at the large size a flat tensor of as many
+    # elements as the data, where the kernel's memory traffic (not its launch) is what is measured.
+    seen = set()
+    for transport in transports:
+        for size, shape, dtype in rows:
+            numel = 1
+            for s in shape:
+                numel *= s
+            if plan.quick and dtype != torch.float32:
+                continue  # an elementwise map of t: bfloat16 adds compile time, not information
+            t_shape = (numel,) if size == "large" else (shape[0],)
+            if (transport, t_shape, dtype) in seen:
+                continue
+            seen.add((transport, t_shape, dtype))
+            yield Case(GROUP, "coefficients", transport, t_shape, dtype, size,
+                       partial(_coefficients_workload, plan, transport, t_shape, dtype))

@@ -1,0 +1,48 @@
+"""Accuracy of every row: max relative error of each peer against the float64 reference."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+# Bound on the fused op's max_rel_err against float64, as in tests/conftest.py. For float16 and
+# bfloat16 the bound is also at least 2x the eager reference's own error in that dtype.
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def tensors(out: Any) -> list[torch.Tensor]:
+    """The output tensors of a peer, flattened in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in tensors(o)]
+    raise TypeError(f"a benchmark peer returned {type(out).__name__}; expected tensors")
+
+
+def max_rel_err(out: Any, ref: Any) -> float:
+    """max over outputs of max|out - ref| / max|ref|, in float64 on the output's device (NaN -> inf)."""
+    outs, refs = tensors(out), tensors(ref)
+    if len(outs) != len(refs):
+        raise ValueError(f"peer returned {len(outs)} tensors but the reference {len(refs)}")
+    worst = 0.0
+    for o, r in zip(outs, refs):
+        if o.shape != r.shape:
+            raise ValueError(f"peer output shape {tuple(o.shape)} != reference shape {tuple(r.shape)}")
+        if r.numel() == 0:
+            continue
+        o, r = o.detach().double(), r.detach().to(o.device).double()
+        if not torch.isfinite(o).all():
+            return float("inf")
+        scale = r.abs().max().clamp_min(1e-30)
+        worst = max(worst, float((o - r).abs().max() / scale))
+    return worst
+
+
+def bound(dtype: torch.dtype, eager_err: Optional[float], override: Optional[float] = None) -> float:
+    """The max_rel_err a fused op may have at this dtype (see TOLERANCE)."""
+    if override is not None:
+        return override
+    b = TOLERANCE.get(dtype, 1e-2)
+    if dtype in (torch.float16, torch.bfloat16) and eager_err is not None:
+        b = max(b, 2 * eager_err)
+    return b

@@ -1,0 +1,163 @@
+"""The report: a text table for the terminal, Markdown and JSON result files, and a speedup chart."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+COLUMNS = [  # (header, row key, format)
+    ("op", "op", "s"), ("variant", "variant", "s"), ("shape", "shape_str", "s"), ("dtype", "dtype", "s"),
+    ("eager ms", "eager_ms", "ms"), ("compile ms", "compile_ms", "ms"), ("fused ms", "fused_ms", "ms"),
+    ("vs eager", "speedup_vs_eager", "x"), ("vs compile", "speedup_vs_compile", "x"),
+    ("GB/s", "gbps", "gbps"), ("% copy", "pct_copy", "pct"), ("max rel err", "max_rel_err", "err"),
+]
+
+
+def _fmt(value, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "s":
+        return str(value)
+    if kind == "ms":
+        return f"{value:.4g}"
+    if kind == "x":
+        return f"{value:.2f}x"
+    if kind == "gbps":
+        return f"{value:.1f}"
+    if kind == "pct":
+        return f"{value:.0f}%"
+    if kind == "err":
+        return "inf" if value == float("inf") else f"{value:.1e}"
+    raise ValueError(kind)
+
+
+def _peer_names(rows: list[dict]) -> list[str]:
+    names = []
+    for row in rows:
+        for name in row.get("peers", {}):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    extra = _peer_names(rows)
+    header = [h for h, _, _ in COLUMNS] + [f"{p} ms" for p in extra]
+    body = []
+    for row in rows:
+        cells = [_fmt(row.get(key), kind) for _, key, kind in COLUMNS]
+        if row.get("accuracy_ok") is False:
+            cells[len(COLUMNS) - 1] += " FAIL"
+        cells += [_fmt(row.get("peers", {}).get(p, {}).get("ms"), "ms") for p in extra]
+        body.append(cells)
+    return header, body
+
+
+def text_table(rows: list[dict]) -> str:
+    """The table as aligned plain text (stdout)."""
+    header, body = _cells(rows)
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    left = {0, 1, 2, 3}
+    line = lambda cells: "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [line(header), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in body]
+    return "\n".join(out)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header, body = _cells(rows)
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 4 else "---:" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(out)
+
+
+def summary_lines(result: dict) -> list[str]:
+    """Headline lines: device, versions, copy bandwidth, what was skipped."""
+    env, copy = result["environment"], result.get("copy_bandwidth")
+    build = env.get("build_info", {})
+    lines = [
+        f"device: {env['device_name']} ({env['device']})",
+        f"torch {env['torch']}" + (f", CUDA {env['torch_cuda']}" if env.get("torch_cuda") else "")
+        + (f", driver {env['cuda_driver']}" if env.get("cuda_driver") else "")
+        + f", python {env['python']}, ucgm_fast {env.get('ucgm_fast')} ({env.get('git_commit') or 'no git'})",
+        f"threads: torch {env['torch_threads']}, usable CPUs {env['cpus_usable']}, "
+        f"OMP_NUM_THREADS={env.get('omp_num_threads')}, load average at start {env.get('load_average_1m')}",
+        f"ucgm_fast build: OpenMP {build.get('openmp')}, CUDA {build.get('cuda')} "
+        f"({build.get('cuda_version')}, archs {build.get('cuda_architectures')})",
+    ]
+    if copy:
+        lines.append(f"copy bandwidth (same run): {copy['gbps']:.1f} GB/s  "
+                     f"({copy['numel'] / 2**20:.0f}M float32, read+write, {copy['ms']:.4g} ms)")
+    for group, why in result.get("skipped_groups", {}).items():
+        lines.append(f"skipped group {group}: {why}")
+    lines.append(f"{result['mode']} run, {len(result['rows'])} rows in {result['wall_s']:.0f} s; "
+                 f"{env['date_utc']} UTC")
+    return lines
+
+
+METHOD = """\
+Method: each peer is called once (its wall time, which includes torch.compile's compilation, is
+`compile_first_call_s` in the JSON), warmed up, then timed as the median (min/max in the JSON) of
+repeated samples: `time.perf_counter` around back-to-back calls on CPU, CUDA events on CUDA, with L2
+evicted before every sample for rows that do not fit in L2. Inputs are random normal data (never
+zeros) with per-sample times in [0.02, 0.98]. *eager* is `ucgm_fast.reference` (the published
+formulas in PyTorch), *compile* is `torch.compile` of that same function, *fused* is ucgm_fast's op.
+GB/s counts the fewest bytes one fused call must move (inputs read once, outputs written once);
+% copy compares it with a device copy measured in the same run. max rel err is
+max|fused - ref| / max|ref| against the reference evaluated in float64 on the same inputs; every
+row is checked (FAIL marks a row over the bound of tests/conftest.py).
+"""
+
+
+def markdown(result: dict, chart_name: Optional[str]) -> str:
+    env = result["environment"]
+    out = [f"# ucgm_fast benchmark: {env['device_name']}", ""]
+    out += [f"- {line}" for line in summary_lines(result)]
+    out += ["", markdown_table(result["rows"]), ""]
+    if chart_name:
+        out += [f"![speedups]({chart_name})", ""]
+    out += [METHOD]
+    return "\n".join(out)
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=str, allow_nan=True)
+        f.write("\n")
+
+
+def chart(rows: list[dict], path: str, title: str) -> bool:
+    """Horizontal bars: fused speedup over eager and over torch.compile per row (log scale)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in rows if r.get("speedup_vs_eager") is not None]
+    if not rows:
+        return False
+    labels = [f"{r['op']} {r['variant']} {r['shape_str']} {r['dtype']}".replace("  ", " ") for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.28 * len(rows)))
+    y = list(range(len(rows)))[::-1]
+    h = 0.4
+    ax.barh([v + h / 2 for v in y], [r["speedup_vs_eager"] for r in rows], h, label="vs eager reference",
+            color="#4477aa")
+    comp = [(v, r["speedup_vs_compile"]) for v, r in zip(y, rows) if r.get("speedup_vs_compile") is not None]
+    if comp:
+        ax.barh([v - h / 2 for v, _ in comp], [s for _, s in comp], h, label="vs torch.compile",
+                color="#ee6677")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xlabel("fused speedup (x, log scale; > 1 is faster)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="x", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,141 @@
+"""Timing: warm-up, then the median (with min and max) of repeated samples.
+
+CPU samples use ``time.perf_counter`` around ``inner`` back-to-back calls (enough calls for a
+sample to last a few milliseconds, so timer resolution and jitter stay small). CUDA samples use
+CUDA events on the current stream; at sizes that do not fit in L2 every sample times one call
+after a write that evicts L2, so no call reads the previous one's data from cache.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long to spend on one peer of one row."""
+
+    warmup_s: float      # at least this long (and at least 2 calls) of warm-up after the first call
+    sample_s: float      # target length of one sample; short calls are repeated inside it
+    total_s: float       # target time for all samples together
+    min_repeats: int
+    max_repeats: int
+
+
+QUICK = Budget(warmup_s=0.03, sample_s=0.01, total_s=0.4, min_repeats=5, max_repeats=15)
+FULL = Budget(warmup_s=0.1, sample_s=0.02, total_s=1.5, min_repeats=7, max_repeats=50)
+# CUDA: events resolve ~1 us, so a sample of ~0.5 ms is plenty; launch-bound rows still get many calls.
+QUICK_CUDA = Budget(warmup_s=0.02, sample_s=0.0005, total_s=0.2, min_repeats=10, max_repeats=50)
+FULL_CUDA = Budget(warmup_s=0.05, sample_s=0.001, total_s=0.5, min_repeats=20, max_repeats=200)
+
+
+@dataclass
+class Timing:
+    """Per-call times in milliseconds over ``repeats`` samples of ``inner`` calls each."""
+
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    repeats: int
+    inner: int
+    first_call_s: float  # wall time of the very first call: includes torch.compile's compilation
+    l2_flushed: bool
+
+
+class L2Flusher:
+    """Evicts the GPU's L2 by writing a buffer twice its size."""
+
+    def __init__(self, device: torch.device):
+        props = torch.cuda.get_device_properties(device)
+        self.l2_bytes = int(getattr(props, "L2_cache_size", 0)) or 64 * 2**20
+        self.buffer = torch.empty(2 * self.l2_bytes // 4 + 1, dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        self.buffer.fill_(1.0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[..., Any], args: tuple, device: torch.device, budget: Budget,
+              flusher: L2Flusher | None = None, flush: bool = False) -> tuple[Timing, Any]:
+    """Times ``fn(*args)``; returns the timing and the output of the first call (for checking).
+
+    The first call runs alone and is timed on the wall clock (it carries torch.compile's
+    compilation); warm-up follows, then the timed samples. The garbage collector is off while
+    sampling so a collection cannot land inside one sample.
+    """
+    cuda = device.type == "cuda"
+    flush = bool(cuda and flush and flusher is not None)
+    _sync(device)
+    start = time.perf_counter()
+    out = fn(*args)
+    _sync(device)
+    first_call_s = time.perf_counter() - start
+
+    calls, start = 0, time.perf_counter()
+    while calls < 2 or time.perf_counter() - start < budget.warmup_s:
+        fn(*args)
+        if cuda:
+            _sync(device)
+        calls += 1
+    per_call = max((time.perf_counter() - start) / calls, 1e-7)
+
+    inner = 1 if flush else max(1, math.ceil(budget.sample_s / per_call))
+    repeats = int(budget.total_s / (inner * per_call))
+    repeats = min(max(repeats, budget.min_repeats), budget.max_repeats)
+
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        samples = _cuda_samples(fn, args, device, inner, repeats, flusher if flush else None) if cuda \
+            else _cpu_samples(fn, args, inner, repeats)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return Timing(median_ms=statistics.median(samples), min_ms=min(samples), max_ms=max(samples),
+                  repeats=repeats, inner=inner, first_call_s=first_call_s, l2_flushed=flush), out
+
+
+def _cpu_samples(fn, args, inner: int, repeats: int) -> list[float]:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn(*args)
+        samples.append((time.perf_counter() - start) * 1e3 / inner)
+    return samples
+
+
+def _cuda_samples(fn, args, device, inner: int, repeats: int, flusher: L2Flusher | None) -> list[float]:
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(repeats)]
+    for begin, end in events:
+        if flusher is not None:
+            flusher()
+        begin.record()
+        for _ in range(inner):
+            fn(*args)
+        end.record()
+    torch.cuda.synchronize(device)
+    return [begin.elapsed_time(end) / inner for begin, end in events]
+
+
+def copy_bandwidth(numel: int, device: torch.device, budget: Budget,
+                   flusher: L2Flusher | None = None) -> dict:
+    """Device copy bandwidth: ``dst.copy_(src)`` of ``numel`` float32, counting bytes read + written."""
+    src = torch.rand(numel, dtype=torch.float32, device=device).add_(0.5)
+    dst = torch.empty_like(src)
+    timing, _ = time_call(dst.copy_, (src,), device, budget, flusher, flush=flusher is not None)
+    nbytes = 2 * src.numel() * src.element_size()
+    return {"numel": numel, "bytes": nbytes, "ms": timing.median_ms, "min_ms": timing.min_ms,
+            "max_ms": timing.max_ms, "gbps": nbytes / (timing.median_ms * 1e-3) / 1e9,
+            "l2_flushed": timing.l2_flushed}

@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""ucgm_fast benchmark: the eager reference vs torch.compile of it vs the fused op, row by row.
+
+    python benchmarks/run.py [--device cpu|cuda] [--quick] [--ops OP ...] [--json PATH]
+
+Prints one table (op, shape, dtype, eager / compile / fused time, speedups, GB/s, % of the copy
+bandwidth measured in the same run, max relative error against the float64 reference) and writes
+benchmarks/results/<device>.json, .md and a .png chart of the speedups. Progress goes to stderr.
+Op groups live in benchmarks/cases/ (one module each); a group whose ops this build of ucgm_fast
+lacks is skipped with the reason. Exit status 1 when a row's error is over its bound.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+from harness import accuracy, report, timing  # noqa: E402
+from harness.case import Case, Plan, collect, discover  # noqa: E402
+from harness.env import environment  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where to run (default: cuda when available, else cpu)")
+    p.add_argument("--quick", action="store_true",
+                   help="a small set: two transports, one training size and the large size (< 3 min on 2 CPU cores)")
+    p.add_argument("--sizes", choices=["default", "smallest"], default="default",
+                   help="'smallest': one tiny float32 shape per op, to check that the harness runs")
+    p.add_argument("--ops", nargs="+", metavar="OP", help="only these ops or op groups (e.g. decode, transport)")
+    p.add_argument("--match", metavar="REGEX", help="only rows whose op/variant/shape/dtype matches, e.g. 'decode/EDM/.*/float32'")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (its compilation is slow)")
+    p.add_argument("--no-extra-peers", action="store_true", help="skip optional peers (Numba, CuPy)")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list here")
+    p.add_argument("--out-dir", default=os.path.join(HERE, "results"), help="where <name>.json/.md/.png go")
+    p.add_argument("--name", help="file stem of the result files (default: the device, cpu or cuda)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--list", action="store_true", help="list the rows that would run, and exit")
+    return p.parse_args(argv)
+
+
+def _progress(msg: str, end: str = "\n") -> None:
+    sys.stderr.write(msg + end)
+    sys.stderr.flush()
+
+
+def _configure_compile() -> None:
+    # One compiled wrapper per reference function serves every row; dynamo keeps one graph per
+    # (shape, dtype, transport). The default limit of 8 graphs per function would silently send
+    # later rows back to eager, so lift it above the number of rows.
+    import torch._dynamo.config as dynamo_config
+    for name, value in (("recompile_limit", 10_000), ("cache_size_limit", 10_000),
+                        ("accumulated_recompile_limit", 100_000), ("accumulated_cache_size_limit", 100_000)):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, value)
+
+
+class CompileCache:
+    """torch.compile wrappers, one per function; dynamo caches one graph per shape under each."""
+
+    def __init__(self):
+        self._fns = {}
+
+    def get(self, fn):
+        key = id(fn)
+        if key not in self._fns:
+            self._fns[key] = (fn, torch.compile(fn, dynamic=False))
+        return self._fns[key][1]
+
+
+def _timing_fields(prefix: str, t: timing.Timing) -> dict:
+    return {f"{prefix}_ms": t.median_ms, f"{prefix}_min_ms": t.min_ms, f"{prefix}_max_ms": t.max_ms,
+            f"{prefix}_repeats": t.repeats, f"{prefix}_inner": t.inner}
+
+
+def _err(out, ref):
+    return None if ref is None else accuracy.max_rel_err(out, ref)
+
+
+def run_case(case: Case, args: argparse.Namespace, device: torch.device, budget: timing.Budget,
+             flusher, compiled: CompileCache, copy_gbps: float | None) -> dict:
+    """Builds one row's workload, times and checks every peer; returns the row."""
+    w = case.build()
+    row = {"group": case.group, "op": case.op, "variant": case.variant, "shape": list(case.shape),
+           "shape_str": case.shape_str, "size": case.size, "dtype": case.dtype_name, "numel": case.numel,
+           "bytes": w.nbytes, "device": device.type, "notes": []}
+    flush = flusher is not None and w.nbytes is not None and w.nbytes >= flusher.l2_bytes
+    row["l2_flushed"] = flush
+    run = lambda fn: timing.time_call(fn, w.args, device, budget, flusher, flush)
+
+    with torch.set_grad_enabled(w.grad):
+        ref = w.oracle() if w.oracle is not None else None
+
+        t_eager, out = run(w.eager)
+        row.update(_timing_fields("eager", t_eager))
+        row["eager_rel_err"] = _err(out, ref)
+        del out
+
+        row["compile_ms"] = row["compile_rel_err"] = row["compile_first_call_s"] = None
+        if not args.no_compile:
+            try:
+                t_comp, out = run(compiled.get(w.compiled or w.eager))
+                row.update(_timing_fields("compile", t_comp))
+                row["compile_first_call_s"] = t_comp.first_call_s
+                row["compile_rel_err"] = _err(out, ref)
+                del out
+            except Exception as exc:  # a peer that cannot compile here is reported, not fatal
+                row["notes"].append(f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+
+        t_fused, out = run(w.fused)
+        row.update(_timing_fields("fused", t_fused))
+        row["max_rel_err"] = _err(out, ref)
+        del out
+
+        row["peers"] = {}
+        if not args.no_extra_peers:
+            for name, fn in w.peers.items():
+                t_peer, out = run(fn)
+                row["peers"][name] = {"ms": t_peer.median_ms, "min_ms": t_peer.min_ms, "max_ms": t_peer.max_ms,
+                                      "rel_err": _err(out, ref), "speedup_of_fused": t_peer.median_ms / t_fused.median_ms}
+                del out
+    del ref
+
+    row["speedup_vs_eager"] = row["eager_ms"] / row["fused_ms"]
+    row["speedup_vs_compile"] = row["compile_ms"] / row["fused_ms"] if row["compile_ms"] is not None else None
+    row["gbps"] = w.nbytes / (row["fused_ms"] * 1e-3) / 1e9 if w.nbytes else None
+    row["pct_copy"] = 100 * row["gbps"] / copy_gbps if row["gbps"] and copy_gbps else None
+    if row["max_rel_err"] is None:
+        row["tolerance"] = row["accuracy_ok"] = None
+    else:
+        row["tolerance"] = accuracy.bound(case.dtype, row["eager_rel_err"], w.tolerance)
+        row["accuracy_ok"] = row["max_rel_err"] <= row["tolerance"]
+    return row
+
+
+def _fmt_progress(row: dict) -> str:
+    ms = lambda k: "-" if row.get(k) is None else f"{row[k]:.4g}"
+    s = f"eager {ms('eager_ms')} | compile {ms('compile_ms')} | fused {ms('fused_ms')} ms"
+    s += f" | {row['speedup_vs_eager']:.2f}x eager"
+    if row.get("speedup_vs_compile") is not None:
+        s += f", {row['speedup_vs_compile']:.2f}x compile"
+    if row.get("max_rel_err") is not None:
+        s += f" | err {row['max_rel_err']:.1e}" + ("" if row["accuracy_ok"] else " FAIL")
+    return s + "".join(f" | {n}" for n in row["notes"])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        _progress("run.py: --device cuda but torch sees no CUDA device (torch "
+                  f"{torch.__version__}, built with CUDA {torch.version.cuda})")
+        return 2
+    device = torch.device(args.device)
+    smallest = args.sizes == "smallest"
+    plan = Plan(device=device, quick=args.quick, smallest=smallest, seed=args.seed)
+    mode = "smallest" if smallest else "quick" if args.quick else "full"
+
+    groups, skipped = discover("cases")
+    for group, why in skipped.items():
+        _progress(f"skipping benchmark group '{group}' (not in this build of ucgm_fast): {why}")
+    cases = collect(groups, plan, args.ops)
+    if args.match:
+        pattern = re.compile(args.match)
+        cases = [c for c in cases if pattern.search(c.key)]
+    if not cases:
+        _progress(f"run.py: no rows selected (groups: {sorted(groups)}, --ops {args.ops}, --match {args.match})")
+        return 2
+    if args.list:
+        print("\n".join(c.key for c in cases))
+        return 0
+
+    _configure_compile()
+    budget = {("cpu", False): timing.FULL, ("cpu", True): timing.QUICK,
+              ("cuda", False): timing.FULL_CUDA, ("cuda", True): timing.QUICK_CUDA}[(device.type, args.quick or smallest)]
+    flusher = timing.L2Flusher(device) if device.type == "cuda" else None
+    env = environment(device, os.path.dirname(HERE))
+    _progress(f"ucgm_fast benchmark on {env['device_name']}: {len(cases)} rows ({mode}), "
+              f"torch {env['torch']}, {env['torch_threads']} threads")
+
+    copy_numel = max([c.numel for c in cases] + [1 << 20])
+    copy = timing.copy_bandwidth(copy_numel, device, budget, flusher)
+    _progress(f"copy bandwidth: {copy['gbps']:.1f} GB/s at {copy_numel} float32 elements")
+
+    compiled = CompileCache()
+    rows = []
+    for i, case in enumerate(cases, 1):
+        _progress(f"[{i}/{len(cases)}] {case.key} ... ", end="")
+        row = run_case(case, args, device, budget, flusher, compiled, copy["gbps"])
+        rows.append(row)
+        _progress(f"{_fmt_progress(row)}  ({time.perf_counter() - started:.0f} s)")
+
+    result = {"mode": mode, "environment": env, "copy_bandwidth": copy, "skipped_groups": skipped,
+              "rows": rows, "wall_s": time.perf_counter() - started}
+    print("\n".join(report.summary_lines(result)))
+    print()
+    print(report.text_table(rows))
+
+    name = args.name or device.type
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, name)
+    chart_ok = report.chart(rows, stem + ".png", f"ucgm_fast fused speedups: {env['device_name']} ({mode})")
+    report.write_json(stem + ".json", result)
+    with open(stem + ".md", "w") as f:
+        f.write(report.markdown(result, os.path.basename(stem + ".png") if chart_ok else None))
+    if args.json:
+        report.write_json(args.json, rows)
+    _progress(f"wrote {stem}.json, {stem}.md" + (f", {stem}.png" if chart_ok else "")
+              + (f", {args.json}" if args.json else ""))
+
+    failed = [r for r in rows if r.get("accuracy_ok") is False]
+    if failed:
+        _progress("accuracy FAIL (max_rel_err over bound): " + ", ".join(
+            f"{r['op']}/{r['variant']}/{r['shape_str']}/{r['dtype']} {r['max_rel_err']:.2e} > {r['tolerance']:.2e}"
+            for r in failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
