@@ -99,17 +99,17 @@ class Plan:
         return [("train", s) for s in train] + [("large", large)]
 
     def generator(self, *salt) -> torch.Generator:
-        """A CPU generator seeded per row, so every row's inputs are reproducible."""
-        return torch.Generator().manual_seed((self.seed * 1000003 + zlib.crc32(repr(salt).encode())) % 2**31)
+        """A generator on the plan's device seeded per row, so every row's inputs are reproducible."""
+        seed = (self.seed * 1000003 + zlib.crc32(repr(salt).encode())) % 2**31
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def randn(self, shape, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
         """Standard normal data on the plan's device (never zeros: zeros can hide bugs and run faster)."""
-        return torch.randn(shape, generator=gen, dtype=torch.float32).to(self.device, dtype)
+        return torch.randn(shape, generator=gen, dtype=torch.float32, device=self.device).to(dtype)
 
     def times(self, batch: int, gen: torch.Generator, lo: float = 0.02, hi: float = 0.98) -> torch.Tensor:
-        """Per-sample times uniform in [lo, hi] (away from the ends where a transport degenerates)."""
-        t = torch.rand(batch, generator=gen, dtype=torch.float64) * (hi - lo) + lo
-        return t.to(self.device, torch.float32)
+        """Per-sample float32 times uniform in [lo, hi] (away from the ends where a transport degenerates)."""
+        return torch.rand(batch, generator=gen, dtype=torch.float32, device=self.device) * (hi - lo) + lo
 
 
 def to_float64(args: tuple) -> tuple:

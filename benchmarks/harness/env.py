@@ -58,7 +58,7 @@ def environment(device: torch.device, repo: str) -> dict:
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cpu_name": cpu_name(),
-        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
     if device.type == "cuda":

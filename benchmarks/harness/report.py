@@ -72,6 +72,10 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _count(n: int) -> str:
+    return f"{n / 2**20:g}M" if n >= 2**20 and n % 2**18 == 0 else str(n)
+
+
 def summary_lines(result: dict) -> list[str]:
     """Headline lines: device, versions, copy bandwidth, what was skipped."""
     env, copy = result["environment"], result.get("copy_bandwidth")
@@ -88,7 +92,7 @@ def summary_lines(result: dict) -> list[str]:
     ]
     if copy:
         lines.append(f"copy bandwidth (same run): {copy['gbps']:.1f} GB/s  "
-                     f"({copy['numel'] / 2**20:.0f}M float32, read+write, {copy['ms']:.4g} ms)")
+                     f"({_count(copy['numel'])} float32, read+write, {copy['ms']:.4g} ms)")
     for group, why in result.get("skipped_groups", {}).items():
         lines.append(f"skipped group {group}: {why}")
     lines.append(f"{result['mode']} run, {len(result['rows'])} rows in {result['wall_s']:.0f} s; "

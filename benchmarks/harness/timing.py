@@ -30,6 +30,8 @@ class Budget:
 
 QUICK = Budget(warmup_s=0.03, sample_s=0.01, total_s=0.4, min_repeats=5, max_repeats=15)
 FULL = Budget(warmup_s=0.1, sample_s=0.02, total_s=1.5, min_repeats=7, max_repeats=50)
+# --sizes smallest only checks that everything runs: as few calls as still give a median.
+SMOKE = Budget(warmup_s=0.0, sample_s=0.001, total_s=0.005, min_repeats=3, max_repeats=3)
 # CUDA: events resolve ~1 us, so a sample of ~0.5 ms is plenty; launch-bound rows still get many calls.
 QUICK_CUDA = Budget(warmup_s=0.02, sample_s=0.0005, total_s=0.2, min_repeats=10, max_repeats=50)
 FULL_CUDA = Budget(warmup_s=0.05, sample_s=0.001, total_s=0.5, min_repeats=20, max_repeats=200)

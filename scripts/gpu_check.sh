@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Build, test and benchmark ucgm_fast on a CUDA machine with no network access.
+#
+#   bash scripts/gpu_check.sh
+#
+# 1. pip install --no-build-isolation --no-deps . (uses the machine's torch, scikit-build-core,
+#    pybind11, CMake and ninja; builds only for this GPU's architecture unless UCGM_CUDA_ARCHS is set)
+# 2. prints ucgm_fast.build_info()
+# 3. runs the test suite (its CUDA-parametrized tests run here); a failure does not stop the script
+# 4. runs python benchmarks/run.py --device cuda --quick
+# Results: benchmarks/results/<gpu>.{json,md,png} and <gpu>_pytest.log (e.g. nvidia-h100.json), also
+# copied into $OUT when it is set, with the whole log as gpu_check.log. Exit status: 0 only when every
+# step passed. Environment: PYTHON (default python3), PYTEST_ARGS (default "-q tests"),
+# TEST_TIMEOUT / BENCH_TIMEOUT in seconds (default 240 each, so the whole check stays under 8 minutes).
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+LOGS=${OUT:-$(mktemp -d -t ucgm_gpu_check.XXXXXX)}
+mkdir -p "$LOGS" benchmarks/results
+exec > >(tee -a "$LOGS/gpu_check.log") 2>&1
+export PYTHONUNBUFFERED=1
+failed=()
+
+step() { printf '\n=== %s (%s UTC)\n' "$*" "$(date -u +%H:%M:%S)"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv || true
+if ! "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'CUDA', torch.version.cuda); sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "torch sees no CUDA device: nothing to check here"; exit 1
+fi
+
+if [ -z "${UCGM_CUDA_ARCHS:-}" ]; then  # this GPU only: about half the nvcc time of the default list
+  UCGM_CUDA_ARCHS=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())") && export UCGM_CUDA_ARCHS
+fi
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+
+step "install (UCGM_CUDA_ARCHS=${UCGM_CUDA_ARCHS:-default})"
+if ! "$PY" -m pip install --no-build-isolation --no-deps --no-cache-dir .; then
+  echo "install failed: see the log above"; exit 1
+fi
+
+step "build_info"
+# Run from outside the checkout so the installed package, not the source tree, is imported.
+if ! (cd /tmp && "$PY" -c "
+import json, ucgm_fast
+info = ucgm_fast.build_info()
+print(json.dumps(info, indent=1))
+assert info.get('cuda_available_at_runtime'), 'ucgm_fast was built without CUDA kernels or cannot see the GPU'
+"); then
+  failed+=("build_info"); echo "build_info: CUDA kernels missing"
+fi
+
+NAME=$("$PY" -c "
+import sys, torch
+sys.path.insert(0, 'benchmarks')
+from harness.env import slug
+print(slug(torch.cuda.get_device_name()))")
+NAME=${NAME:-cuda}
+RESULTS=benchmarks/results
+
+step "tests: pytest ${PYTEST_ARGS:--q tests}"
+# shellcheck disable=SC2086
+timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest ${PYTEST_ARGS:--q tests} -rfEs -p no:cacheprovider 2>&1 \
+  | tee "$RESULTS/${NAME}_pytest.log"
+rc=$?
+[ "$rc" -eq 0 ] || { failed+=("tests (exit $rc)"); echo "tests failed (exit $rc); going on to the benchmark"; }
+
+step "benchmark: benchmarks/run.py --device cuda --quick --name $NAME"
+timeout "${BENCH_TIMEOUT:-240}" "$PY" benchmarks/run.py --device cuda --quick --name "$NAME" --out-dir "$RESULTS"
+rc=$?
+[ "$rc" -eq 0 ] || { failed+=("benchmark (exit $rc)"); echo "benchmark failed (exit $rc)"; }
+
+step "results"
+for f in "$RESULTS/$NAME.json" "$RESULTS/$NAME.md" "$RESULTS/$NAME.png" "$RESULTS/${NAME}_pytest.log"; do
+  if [ -f "$f" ]; then
+    ls -l "$f"
+    if [ -n "${OUT:-}" ]; then cp "$f" "$OUT/"; fi
+  else
+    echo "missing: $f"
+  fi
+done
+if [ ${#failed[@]} -eq 0 ]; then
+  echo "gpu_check: all steps passed ($NAME)"
+else
+  echo "gpu_check: FAILED: ${failed[*]}"; exit 1
+fi

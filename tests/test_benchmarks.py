@@ -1,0 +1,132 @@
+"""benchmarks/run.py keeps working: every case at the smallest size, every row checked.
+
+These tests check the harness runs and reports correctly, not speed (timings are for the
+benchmark itself to report, never asserted).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCH)
+
+import run  # noqa: E402  (benchmarks/run.py)
+from harness import accuracy, env, timing  # noqa: E402
+from harness.case import discover  # noqa: E402
+from conftest import DEVICES  # noqa: E402
+
+REQUIRED = ["op", "shape", "dtype", "eager_ms", "compile_ms", "fused_ms", "speedup_vs_eager", "speedup_vs_compile",
+            "max_rel_err"]
+
+
+def _run(tmp_path, *extra, device="cpu"):
+    rows_path = tmp_path / "rows.json"
+    status = run.main(["--device", device, "--sizes", "smallest", "--out-dir", str(tmp_path), "--name", "bench",
+                       "--json", str(rows_path), *extra])
+    return status, json.loads(rows_path.read_text()), json.loads((tmp_path / "bench.json").read_text())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_smallest_every_case_runs_and_is_checked(tmp_path, capsys, device):
+    status, rows, result = _run(tmp_path, "--no-compile", device=device)
+    assert status == 0
+    assert {r["op"] for r in rows} >= {"coefficients", "interpolate", "decode"}
+    import ucgm_fast
+    assert {r["variant"] for r in rows if r["op"] == "decode"} == set(ucgm_fast.TRANSPORTS)
+    for r in rows:
+        for key in REQUIRED:
+            assert key in r, key
+        assert r["compile_ms"] is None and r["speedup_vs_compile"] is None
+        assert r["eager_ms"] > 0 and r["fused_ms"] > 0
+        assert r["eager_min_ms"] <= r["eager_ms"] <= r["eager_max_ms"]
+        assert r["speedup_vs_eager"] == pytest.approx(r["eager_ms"] / r["fused_ms"])
+        assert r["max_rel_err"] is not None and r["max_rel_err"] <= 2e-6, r
+        assert r["accuracy_ok"] and r["gbps"] > 0 and r["device"] == device
+    assert result["copy_bandwidth"]["gbps"] > 0
+    env_ = result["environment"]
+    assert env_["torch"] == torch.__version__ and env_["torch_threads"] >= 1 and env_["device_name"]
+    out = capsys.readouterr().out
+    assert "fused ms" in out and "copy bandwidth" in out and "decode" in out
+    md = (tmp_path / "bench.md").read_text()
+    assert "| op |" in md and "bench.png" in md
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compile_peer_on_one_row(tmp_path):
+    status, rows, _ = _run(tmp_path, "--match", "^decode/EDM/")
+    assert status == 0 and len(rows) == 1
+    (r,) = rows
+    assert r["compile_ms"] > 0 and r["compile_first_call_s"] > 0
+    assert r["speedup_vs_compile"] == pytest.approx(r["compile_ms"] / r["fused_ms"])
+    assert r["compile_rel_err"] <= 1e-5 and r["max_rel_err"] <= 2e-6
+
+
+def test_no_rows_selected_is_an_error(tmp_path):
+    assert run.main(["--device", "cpu", "--sizes", "smallest", "--match", "no-such-op",
+                     "--out-dir", str(tmp_path)]) == 2
+
+
+def test_script_entry_point_lists_quick_rows():
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "--device", "cpu", "--quick", "--list"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    keys = out.stdout.split()
+    # The CPU speed target is stated at 4M float32 elements: the quick set must hold those rows.
+    for op in ("coefficients", "interpolate", "decode"):
+        assert any(k.startswith(f"{op}/Linear/") and k.endswith("/float32") and
+                   ("4194304" in k or "256x4x64x64" in k) for k in keys), op
+
+
+def test_missing_group_is_skipped_with_reason(tmp_path, monkeypatch):
+    pkg = tmp_path / "fake_cases"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "future_ops.py").write_text("from ucgm_fast import no_such_op_yet\ndef cases(plan):\n    return []\n")
+    (pkg / "present.py").write_text("def cases(plan):\n    return []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    groups, skipped = discover("fake_cases")
+    assert list(groups) == ["present"]
+    assert "no_such_op_yet" in skipped["future_ops"]
+
+
+def test_max_rel_err_and_bounds():
+    ref = (torch.tensor([1.0, -2.0]), torch.tensor([4.0]))
+    assert accuracy.max_rel_err(ref, ref) == 0
+    assert accuracy.max_rel_err((torch.tensor([1.0, -2.5]), torch.tensor([4.0])), ref) == pytest.approx(0.25)
+    assert accuracy.max_rel_err((torch.tensor([1.0, float("nan")]), ref[1]), ref) == float("inf")
+    with pytest.raises(ValueError):
+        accuracy.max_rel_err(ref[0], ref)
+    assert accuracy.bound(torch.bfloat16, 0.02) == pytest.approx(0.04)
+    assert accuracy.bound(torch.float32, 0.02) == accuracy.TOLERANCE[torch.float32]
+
+
+def test_cpu_timing_reports_median_between_min_and_max():
+    x = torch.rand(1000) + 0.5
+    t, out = timing.time_call(torch.sqrt, (x,), torch.device("cpu"), timing.QUICK)
+    assert torch.allclose(out, x.sqrt())
+    assert 0 < t.min_ms <= t.median_ms <= t.max_ms and t.repeats >= timing.QUICK.min_repeats and t.inner >= 1
+
+
+@pytest.mark.parametrize("name,expected", [("NVIDIA H100 80GB HBM3", "nvidia-h100"), ("NVIDIA H200", "nvidia-h200"),
+                                           ("NVIDIA A100-SXM4-40GB", "nvidia-a100"),
+                                           ("NVIDIA GeForce RTX 4090", "nvidia-geforce-rtx-4090")])
+def test_result_file_names_from_gpu_names(name, expected):
+    assert env.slug(name) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_event_timing_with_l2_flush():
+    device = torch.device("cuda")
+    flusher = timing.L2Flusher(device)
+    assert flusher.buffer.numel() * 4 > flusher.l2_bytes
+    x = torch.rand(1 << 20, device=device) + 0.5
+    t, out = timing.time_call(torch.sqrt, (x,), device, timing.QUICK_CUDA, flusher, flush=True)
+    assert torch.allclose(out, x.sqrt()) and t.l2_flushed and t.inner == 1
+    assert 0 < t.min_ms <= t.median_ms <= t.max_ms
+    copy = timing.copy_bandwidth(1 << 22, device, timing.QUICK_CUDA, flusher)
+    assert copy["gbps"] > 10 and copy["l2_flushed"]
