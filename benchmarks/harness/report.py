@@ -138,6 +138,7 @@ def chart(rows: list[dict], path: str, title: str) -> bool:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     rows = [r for r in rows if r.get("speedup_vs_eager") is not None]
@@ -153,8 +154,14 @@ def chart(rows: list[dict], path: str, title: str) -> bool:
     if comp:
         ax.barh([v - h / 2 for v, _ in comp], [s for _, s in comp], h, label="vs torch.compile",
                 color="#ee6677")
+    for v, r in zip(y, rows):
+        ax.text(r["speedup_vs_eager"], v + h / 2, f" {r['speedup_vs_eager']:.3g}x", va="center", fontsize=6)
+    for v, s in comp:
+        ax.text(s, v - h / 2, f" {s:.3g}x", va="center", fontsize=6)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
+    ax.set_xlim(right=ax.get_xlim()[1] * 1.6)  # room for the value labels
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=7)
     ax.set_xlabel("fused speedup (x, log scale; > 1 is faster)")
