@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -197,15 +198,23 @@ def main(argv=None) -> int:
     _progress(f"copy bandwidth: {copy['gbps']:.1f} GB/s at {copy_numel} float32 elements")
 
     compiled = CompileCache()
-    rows = []
+    rows, errors = [], []
     for i, case in enumerate(cases, 1):
         _progress(f"[{i}/{len(cases)}] {case.key} ... ", end="")
-        row = run_case(case, args, device, budget, flusher, compiled, copy["gbps"])
+        try:
+            row = run_case(case, args, device, budget, flusher, compiled, copy["gbps"])
+        except Exception as exc:  # one broken row must not lose the others: reported, exit status 1
+            errors.append(f"{case.key}: {type(exc).__name__}: {exc}")
+            _progress(f"ERROR {type(exc).__name__}: {exc}")
+            traceback.print_exc(file=sys.stderr)
+            continue
         rows.append(row)
         _progress(f"{_fmt_progress(row)}  ({time.perf_counter() - started:.0f} s)")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next row's large tensors need not fit beside this row's
 
     result = {"mode": mode, "environment": env, "copy_bandwidth": copy, "skipped_groups": skipped,
-              "rows": rows, "wall_s": time.perf_counter() - started}
+              "errors": errors, "rows": rows, "wall_s": time.perf_counter() - started}
     print("\n".join(report.summary_lines(result)))
     print()
     print(report.text_table(rows))
@@ -222,7 +231,11 @@ def main(argv=None) -> int:
     _progress(f"wrote {stem}.json, {stem}.md" + (f", {stem}.png" if chart_ok else "")
               + (f", {args.json}" if args.json else ""))
 
+    if errors:
+        _progress(f"{len(errors)} rows failed to run:\n  " + "\n  ".join(errors))
     failed = [r for r in rows if r.get("accuracy_ok") is False]
+    if errors and not failed:
+        return 1
     if failed:
         _progress("accuracy FAIL (max_rel_err over bound): " + ", ".join(
             f"{r['op']}/{r['variant']}/{r['shape_str']}/{r['dtype']} {r['max_rel_err']:.2e} > {r['tolerance']:.2e}"

@@ -130,3 +130,25 @@ def test_cuda_event_timing_with_l2_flush():
     assert 0 < t.min_ms <= t.median_ms <= t.max_ms
     copy = timing.copy_bandwidth(1 << 22, device, timing.QUICK_CUDA, flusher)
     assert copy["gbps"] > 10 and copy["l2_flushed"]
+
+
+def test_a_broken_row_is_reported_and_the_rest_still_run(tmp_path, monkeypatch):
+    import types
+    from harness.case import Case
+
+    def broken_build():
+        raise TypeError("signature changed")
+
+    broken = types.SimpleNamespace(cases=lambda plan: [
+        Case("broken", "broken_op", "", (3,), torch.float32, "smallest", broken_build)])
+    real_discover = run.discover
+
+    def discover_with_broken(package):
+        groups, skipped = real_discover(package)
+        return {**groups, "broken": broken}, skipped
+
+    monkeypatch.setattr(run, "discover", discover_with_broken)
+    status, rows, result = _run(tmp_path, "--no-compile", "--ops", "decode", "broken_op")
+    assert status == 1
+    assert {r["op"] for r in rows} == {"decode"} and len(rows) == 6
+    assert len(result["errors"]) == 1 and "signature changed" in result["errors"][0]
