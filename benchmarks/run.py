@@ -97,7 +97,8 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, budget:
            "bytes": w.nbytes, "device": device.type, "notes": []}
     flush = flusher is not None and w.nbytes is not None and w.nbytes >= flusher.l2_bytes
     row["l2_flushed"] = flush
-    run = lambda fn: timing.time_call(fn, w.args, device, budget, flusher, flush)
+    wrap = w.around or (lambda f: f)
+    run = lambda fn: timing.time_call(wrap(fn), w.args, device, budget, flusher, flush)
 
     with torch.set_grad_enabled(w.grad):
         ref = w.oracle() if w.oracle is not None else None
@@ -126,9 +127,14 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, budget:
         row["peers"] = {}
         if not args.no_extra_peers:
             for name, fn in w.peers.items():
-                t_peer, out = run(fn)
+                try:
+                    t_peer, out = run(fn)
+                except Exception as exc:  # an optional peer's failure is reported, not fatal
+                    row["notes"].append(f"peer {name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                    continue
                 row["peers"][name] = {"ms": t_peer.median_ms, "min_ms": t_peer.min_ms, "max_ms": t_peer.max_ms,
-                                      "rel_err": _err(out, ref), "speedup_of_fused": t_peer.median_ms / t_fused.median_ms}
+                                      "rel_err": _err(out, ref), "first_call_s": t_peer.first_call_s,
+                                      "speedup_of_fused": t_peer.median_ms / t_fused.median_ms}
                 del out
     del ref
 

@@ -45,8 +45,10 @@ def test_smallest_every_case_runs_and_is_checked(tmp_path, capsys, device):
         assert r["eager_ms"] > 0 and r["fused_ms"] > 0
         assert r["eager_min_ms"] <= r["eager_ms"] <= r["eager_max_ms"]
         assert r["speedup_vs_eager"] == pytest.approx(r["eager_ms"] / r["fused_ms"])
-        assert r["max_rel_err"] is not None and r["max_rel_err"] <= 2e-6, r
-        assert r["accuracy_ok"] and r["gbps"] > 0 and r["device"] == device
+        assert r["max_rel_err"] is not None and r["accuracy_ok"], r
+        if r["group"] == "transport":
+            assert r["max_rel_err"] <= 2e-6, r
+        assert r["gbps"] > 0 and r["device"] == device
     assert result["copy_bandwidth"]["gbps"] > 0
     env_ = result["environment"]
     assert env_["torch"] == torch.__version__ and env_["torch_threads"] >= 1 and env_["device_name"]
@@ -102,7 +104,9 @@ def test_max_rel_err_and_bounds():
     with pytest.raises(ValueError):
         accuracy.max_rel_err(ref[0], ref)
     assert accuracy.bound(torch.bfloat16, 0.02) == pytest.approx(0.04)
-    assert accuracy.bound(torch.float32, 0.02) == accuracy.TOLERANCE[torch.float32]
+    assert accuracy.bound(torch.float32, 1e-8) == accuracy.TOLERANCE[torch.float32]
+    assert accuracy.bound(torch.float32, 1e-5) == pytest.approx(2e-5)  # ill-conditioned: 2x eager's own error
+    assert accuracy.bound(torch.float32, 1e-5, override=1e-3) == 1e-3
 
 
 def test_cpu_timing_reports_median_between_min_and_max():

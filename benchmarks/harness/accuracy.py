@@ -5,8 +5,9 @@ from typing import Any, Optional
 
 import torch
 
-# Bound on the fused op's max_rel_err against float64, as in tests/conftest.py. For float16 and
-# bfloat16 the bound is also at least 2x the eager reference's own error in that dtype.
+# Bound on the fused op's max_rel_err against float64, as in tests/conftest.py, or 2x the eager
+# reference's own error in the same dtype where that is larger: low precision, and ill-conditioned
+# float32 math such as the finite-difference target (a difference divided by 2 eps = 0.01).
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
@@ -43,6 +44,6 @@ def bound(dtype: torch.dtype, eager_err: Optional[float], override: Optional[flo
     if override is not None:
         return override
     b = TOLERANCE.get(dtype, 1e-2)
-    if dtype in (torch.float16, torch.bfloat16) and eager_err is not None:
+    if eager_err is not None:
         b = max(b, 2 * eager_err)
     return b

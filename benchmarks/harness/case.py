@@ -35,6 +35,9 @@ class Workload:
     nbytes: Optional[int] = None                # fewest bytes one call must move (for GB/s)
     peers: dict = field(default_factory=dict)   # optional extra peers {name: fn}, e.g. Numba, CuPy
     grad: bool = False                          # run with autograd on (forward+backward rows)
+    around: Optional[Callable] = None           # around(f) -> the timed callable built from a peer's f,
+    #                                             e.g. forward then autograd.grad: torch.compile then
+    #                                             compiles the forward (AOTAutograd its backward)
     tolerance: Optional[float] = None           # max_rel_err bound; default: per dtype, see accuracy.py
 
 

@@ -1,0 +1,98 @@
+"""Objective ops: enhance_target, fd_target and ucgm_loss (forward + backward).
+
+The work of a training step outside the model calls. enhance_target reads x, z and the model
+outputs and writes (x_tar, z_tar); fd_target reads F_t, F_a, F_b, x, z and writes the target in
+the compute dtype; ucgm_loss is timed forward then backward (grad with respect to F).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+import ucgm_fast
+from ucgm_fast import enhance_target, fd_target, ucgm_loss  # ImportError (group skipped) before the objective lands
+from ucgm_fast import reference
+from harness.case import Case, Plan, Workload, to_float64
+
+GROUP = "objective"
+LABEL_DROP = 0.1
+ENHANCED_RANGE = (0.0, 0.75)
+
+# variant -> (F_wo given (lambda = 0) or not (lambda > 0), enhancement ratio)
+ENHANCE = {"lambda=0": (True, 0.5), "lambda=1": (False, 2.0)}
+FD = {"lambda=1": 1.0, "lambda=0.5": 0.5}
+LOSS = {"huber=0": (0.0, False, False), "huber=5,cosine,tw": (5.0, True, True)}
+QUICK = {"enhance_target": "lambda=0", "fd_target": "lambda=1", "ucgm_loss": "huber=0"}
+
+
+def _data(plan: Plan, salt, shape, dtype, count):
+    gen = plan.generator(*salt)
+    return [plan.randn(shape, dtype, gen) for _ in range(count)], plan.times(shape[0], gen)
+
+
+def _enhance_workload(plan, variant, transport, shape, dtype) -> Workload:
+    with_wo, ratio = ENHANCE[variant]
+    (x, z, F_w, F_wo), t = _data(plan, ("enhance", variant, transport, shape, str(dtype)), shape, dtype, 4)
+    args = (x, z, F_w, F_wo if with_wo else None, t, transport, ratio, ENHANCED_RANGE,
+            round(LABEL_DROP * shape[0]))
+    reads = 4 if with_wo else 3
+    return Workload(args=args, eager=reference.enhance_target, fused=enhance_target,
+                    oracle=lambda: reference.enhance_target(*to_float64(args)),
+                    nbytes=(reads + 2) * x.numel() * x.element_size())
+
+
+def _fd_workload(plan, variant, transport, shape, dtype) -> Workload:
+    lam = FD[variant]
+    (F_t, F_a, F_b, x, z), t = _data(plan, ("fd", variant, transport, shape, str(dtype)), shape, dtype, 5)
+    args = (F_t, F_a, F_b, x, z, t, transport, lam)
+    out_size = 8 if dtype == torch.float64 else 4  # the target is written in the compute dtype
+    return Workload(args=args, eager=reference.fd_target, fused=fd_target,
+                    oracle=lambda: reference.fd_target(*to_float64(args)),
+                    nbytes=5 * x.numel() * x.element_size() + x.numel() * out_size)
+
+
+def _value_and_grad(loss_fn, F, target, t, huber_eps, cosine, time_weighting):
+    """(loss, dloss/dF): one forward and one backward, as in a training step."""
+    loss = loss_fn(F, target, t, huber_eps, cosine, time_weighting)
+    (grad,) = torch.autograd.grad(loss, F)
+    return loss.detach(), grad
+
+
+def _around_value_and_grad(loss_fn):
+    return partial(_value_and_grad, loss_fn)
+
+
+def _loss_workload(plan, variant, transport, shape, dtype) -> Workload:
+    h, cosine, tw = LOSS[variant]
+    (F, target), t = _data(plan, ("loss", variant, shape, str(dtype)), shape, dtype, 2)
+    F.requires_grad_(True)
+    args = (F, target, t, h, cosine, tw)
+
+    def oracle():
+        F64 = F.detach().double().requires_grad_(True)
+        return _value_and_grad(reference.ucgm_loss, F64, target.double(), t.double(), h, cosine, tw)
+
+    # Forward reads F and target; backward reads them again and writes dF.
+    return Workload(args=args, eager=reference.ucgm_loss, fused=ucgm_loss, oracle=oracle,
+                    nbytes=5 * F.numel() * F.element_size(), grad=True, around=_around_value_and_grad)
+
+
+BUILDERS = {"enhance_target": (ENHANCE, _enhance_workload), "fd_target": (FD, _fd_workload),
+            "ucgm_loss": (LOSS, _loss_workload)}
+
+
+def cases(plan: Plan):
+    transports = ("Linear",) if plan.quick or plan.smallest else ("Linear", "EDM")
+    for op, (variants, build) in BUILDERS.items():
+        for variant in variants:
+            if plan.quick and variant != QUICK[op]:
+                continue
+            for transport in (transports if op != "ucgm_loss" else ("Linear",)):
+                label = variant if op == "ucgm_loss" else f"{transport},{variant}"
+                for size, shape in plan.data_shapes():
+                    for dtype in plan.dtypes:
+                        if plan.quick and dtype != torch.float32:
+                            continue
+                        yield Case(GROUP, op, label, shape, dtype, size,
+                                   partial(build, plan, variant, transport, shape, dtype))

@@ -1,0 +1,101 @@
+"""Sampler ops: one sampler step (order 1: deterministic, stochastic, extrapolating) and order 2.
+
+The eager reference draws nothing itself: it is handed the same Philox noise the fused kernel
+generates inside (``ucgm_fast.sampler_noise``), so every peer computes the same numbers. In the
+stochastic variant (kappa > 0) the eager and compiled peers are thereby spared drawing the noise
+while the fused kernel draws it: a comparison tilted against the fused op. In the others
+(kappa = 0, as in deterministic multi-step sampling) the fused kernel draws no noise and the
+reference still reads the noise tensor it multiplies by sqrt(kappa) = 0, as the published step
+draws noise whatever kappa is. The state is float32 or float64 (the published loop's).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from ucgm_fast import sampler_correct, sampler_noise, sampler_step  # ImportError (group skipped) before the sampler lands
+from ucgm_fast import reference
+from harness.case import Case, Plan, Workload, to_float64
+from ._sampler_peers import peers_for
+
+GROUP = "sampler"
+SEED = 1234
+T, T_NEXT = 0.7, 0.4           # one step of a Linear / EDM grid, away from the ends
+EXTRAPOLATION = 0.2
+# variant -> (extrapolation buffers, order, kappa)
+VARIANTS = {"order=1": (False, 1, 0.0), "order=1,stochastic": (False, 1, 0.5), "order=1,extrapolate": (True, 1, 0.0),
+            "order=2": (False, 2, 0.0)}
+STATE_DTYPES = (torch.float32, torch.float64)
+
+
+def eager_step(F, x, t, t_next, transport, step, kappa, e, x_prev, z_prev, noise):
+    return reference.sampler.sampler_step(F, x, t, t_next, transport, step=step, stochast_ratio=kappa,
+                                          extrapol_ratio=e, x_prev=x_prev, z_prev=z_prev, noise=noise)
+
+
+def fused_step(F, x, t, t_next, transport, step, kappa, e, x_prev, z_prev, noise):
+    return sampler_step(F, x, t, t_next, transport, step=step, stochast_ratio=kappa, extrapol_ratio=e, seed=SEED,
+                        x_prev=x_prev, z_prev=z_prev)
+
+
+def eager_order2(F, F_next, x, t, t_next, transport, noise):
+    x_next, _, z_hat = reference.sampler.sampler_step(F, x, t, t_next, transport, stochast_ratio=0.0, noise=noise,
+                                                      return_hats=True)
+    return reference.sampler.sampler_correct(F_next, x_next, x, z_hat, t, t_next, transport)
+
+
+def fused_order2(F, F_next, x, t, t_next, transport, noise):
+    x_next, _, z_hat = sampler_step(F, x, t, t_next, transport, stochast_ratio=0.0, seed=SEED, return_hats=True)
+    return sampler_correct(F_next, x_next, x, z_hat, t, t_next, transport)
+
+
+def _workload(plan: Plan, variant: str, transport: str, shape: tuple, dtype: torch.dtype) -> Workload:
+    buffers, order, kappa = VARIANTS[variant]
+    gen = plan.generator("sampler", variant, transport, shape, str(dtype))
+    F, x = plan.randn(shape, dtype, gen), plan.randn(shape, dtype, gen)
+    step = 2 if buffers else 0
+    noise = sampler_noise(shape, seed=SEED, step=step, device=plan.device)
+    n, size = x.numel(), x.element_size()
+    if order == 2:
+        args = (F, plan.randn(shape, dtype, gen), x, T, T_NEXT, transport, noise)
+        # step: read F, x; write x_next, x_hat, z_hat. correct: read F', x_next, x, z_hat; write 1.
+        return Workload(args=args, eager=eager_order2, fused=fused_order2,
+                        oracle=lambda: eager_order2(*to_float64(args)), nbytes=10 * n * size)
+    x_prev = z_prev = None
+    if buffers:
+        # The step overwrites the buffers with this step's raw estimates; starting them there makes
+        # every call (and the oracle) see the same inputs however often it runs.
+        x_prev, z_prev = torch.empty_like(x), torch.empty_like(x)
+        _, x_hat, z_hat = sampler_step(F, x, T, T_NEXT, transport, stochast_ratio=kappa, seed=SEED,
+                                       return_hats=True)
+        x_prev.copy_(x_hat)
+        z_prev.copy_(z_hat)
+    args = (F, x, T, T_NEXT, transport, step, kappa, EXTRAPOLATION if buffers else 0.0, x_prev, z_prev, noise)
+
+    def oracle():
+        a = list(to_float64(args))
+        if buffers:  # copies: the oracle must not write into the peers' buffers
+            a[8], a[9] = a[8].clone(), a[9].clone()
+        return eager_step(*a)
+
+    # read F, x, write x_next (the fused kernel makes its noise); extrapolation: read and write both buffers.
+    # Numba (CPU) / CuPy (CUDA) peers, where installed: the plain order-1 step only.
+    peers = {} if buffers else peers_for(plan.device.type)
+    return Workload(args=args, eager=eager_step, fused=fused_step, oracle=oracle,
+                    nbytes=(7 if buffers else 3) * n * size, peers=dict(peers))
+
+
+def cases(plan: Plan):
+    transports = ("Linear",) if plan.quick or plan.smallest else ("Linear", "EDM")
+    dtypes = (torch.float32,) if plan.smallest else STATE_DTYPES
+    for variant in VARIANTS:
+        if plan.quick and variant != "order=1":
+            continue
+        for transport in transports:
+            for size, shape in plan.data_shapes():
+                for dtype in dtypes:
+                    if plan.quick and dtype != torch.float64 and size != "large":
+                        continue
+                    yield Case(GROUP, "sampler_step", f"{transport},{variant}", shape, dtype, size,
+                               partial(_workload, plan, variant, transport, shape, dtype))
