@@ -220,7 +220,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()  # the next row's large tensors need not fit beside this row's
 
     result = {"mode": mode, "environment": env, "copy_bandwidth": copy, "skipped_groups": skipped,
-              "errors": errors, "rows": rows, "wall_s": time.perf_counter() - started}
+              "errors": errors, "rows": rows, "wall_s": time.perf_counter() - started,
+              "load_average_1m_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     print("\n".join(report.summary_lines(result)))
     print()
     print(report.text_table(rows))

@@ -86,7 +86,8 @@ def summary_lines(result: dict) -> list[str]:
         + (f", driver {env['cuda_driver']}" if env.get("cuda_driver") else "")
         + f", python {env['python']}, ucgm_fast {env.get('ucgm_fast')} ({env.get('git_commit') or 'no git'})",
         f"threads: torch {env['torch_threads']}, usable CPUs {env['cpus_usable']}, "
-        f"OMP_NUM_THREADS={env.get('omp_num_threads')}, load average at start {env.get('load_average_1m')}",
+        f"OMP_NUM_THREADS={env.get('omp_num_threads')}, load average {env.get('load_average_1m')} at start, "
+        f"{result.get('load_average_1m_end')} at end (above the CPU count: other work shared the machine)",
         f"ucgm_fast build: OpenMP {build.get('openmp')}, CUDA {build.get('cuda')} "
         f"({build.get('cuda_version')}, archs {build.get('cuda_architectures')})",
     ]
