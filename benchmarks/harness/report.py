@@ -76,6 +76,14 @@ def _count(n: int) -> str:
     return f"{n / 2**20:g}M" if n >= 2**20 and n % 2**18 == 0 else str(n)
 
 
+def _load_warning(result: dict) -> str:
+    env = result["environment"]
+    loads = [v for v in (env.get("load_average_1m"), result.get("load_average_1m_end")) if v is not None]
+    if loads and env.get("cpus_usable") and max(loads) > env["cpus_usable"]:
+        return " (over the CPU count: other work shared the machine, so times are inflated)"
+    return ""
+
+
 def summary_lines(result: dict) -> list[str]:
     """Headline lines: device, versions, copy bandwidth, what was skipped."""
     env, copy = result["environment"], result.get("copy_bandwidth")
@@ -87,7 +95,7 @@ def summary_lines(result: dict) -> list[str]:
         + f", python {env['python']}, ucgm_fast {env.get('ucgm_fast')} ({env.get('git_commit') or 'no git'})",
         f"threads: torch {env['torch_threads']}, usable CPUs {env['cpus_usable']}, "
         f"OMP_NUM_THREADS={env.get('omp_num_threads')}, load average {env.get('load_average_1m')} at start, "
-        f"{result.get('load_average_1m_end')} at end (above the CPU count: other work shared the machine)",
+        f"{result.get('load_average_1m_end')} at end" + _load_warning(result),
         f"ucgm_fast build: OpenMP {build.get('openmp')}, CUDA {build.get('cuda')} "
         f"({build.get('cuda_version')}, archs {build.get('cuda_architectures')})",
     ]
