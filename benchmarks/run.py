@@ -237,6 +237,8 @@ def main(argv=None) -> int:
         report.write_json(args.json, rows)
     _progress(f"wrote {stem}.json, {stem}.md" + (f", {stem}.png" if chart_ok else "")
               + (f", {args.json}" if args.json else ""))
+    if not chart_ok:
+        _progress("no speedup chart: it needs matplotlib (pip install matplotlib)")
 
     if errors:
         _progress(f"{len(errors)} rows failed to run:\n  " + "\n  ".join(errors))

@@ -55,8 +55,14 @@ def test_smallest_every_case_runs_and_is_checked(tmp_path, capsys, device):
     out = capsys.readouterr().out
     assert "fused ms" in out and "copy bandwidth" in out and "decode" in out
     md = (tmp_path / "bench.md").read_text()
-    assert "| op |" in md and "bench.png" in md
-    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| op |" in md
+    try:
+        import matplotlib  # noqa: F401  (optional: the chart is skipped without it)
+    except ImportError:
+        assert not (tmp_path / "bench.png").exists() and "bench.png" not in md
+    else:
+        assert "bench.png" in md
+        assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compile_peer_on_one_row(tmp_path):
