@@ -19,8 +19,9 @@ cd "$ROOT"
 PY=${PYTHON:-python3}
 LOGS=${OUT:-$(mktemp -d -t ucgm_gpu_check.XXXXXX)}
 mkdir -p "$LOGS" benchmarks/results
-exec > >(tee -a "$LOGS/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1
+
+main() {
 failed=()
 
 step() { printf '\n=== %s (%s UTC)\n' "$*" "$(date -u +%H:%M:%S)"; }
@@ -28,7 +29,7 @@ step() { printf '\n=== %s (%s UTC)\n' "$*" "$(date -u +%H:%M:%S)"; }
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv || true
 if ! "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'CUDA', torch.version.cuda); sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "torch sees no CUDA device: nothing to check here"; exit 1
+  echo "torch sees no CUDA device: nothing to check here"; return 1
 fi
 
 if [ -z "${UCGM_CUDA_ARCHS:-}" ]; then  # this GPU only: about half the nvcc time of the default list
@@ -38,7 +39,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 
 step "install (UCGM_CUDA_ARCHS=${UCGM_CUDA_ARCHS:-default})"
 if ! "$PY" -m pip install --no-build-isolation --no-deps --no-cache-dir .; then
-  echo "install failed: see the log above"; exit 1
+  echo "install failed: see the log above"; return 1
 fi
 
 step "build_info"
@@ -84,5 +85,10 @@ done
 if [ ${#failed[@]} -eq 0 ]; then
   echo "gpu_check: all steps passed ($NAME)"
 else
-  echo "gpu_check: FAILED: ${failed[*]}"; exit 1
+  echo "gpu_check: FAILED: ${failed[*]}"; return 1
 fi
+}
+
+# Everything is also logged to $OUT/gpu_check.log; the pipeline waits for tee to finish writing it.
+main 2>&1 | tee "$LOGS/gpu_check.log"
+exit "${PIPESTATUS[0]}"
