@@ -113,7 +113,8 @@ def summary_lines(result: dict) -> list[str]:
 
 METHOD = """\
 Method: each peer is called once (its wall time, which includes torch.compile's compilation, is
-`compile_first_call_s` in the JSON), warmed up, then timed as the median (min/max in the JSON) of
+`compile_first_call_s` in the JSON), warmed up, then timed as the median (min/max in the JSON, and
+`speedup_*_best` from the fastest samples, steadier on a shared machine) of
 repeated samples: `time.perf_counter` around back-to-back calls on CPU, CUDA events on CUDA, with L2
 evicted before every sample for rows that do not fit in L2. Inputs are random normal data (never
 zeros) with per-sample times in [0.02, 0.98]. *eager* is `ucgm_fast.reference` (the published
