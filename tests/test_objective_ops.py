@@ -1,4 +1,6 @@
 """enhance_target / fd_inputs / fd_target / ucgm_loss: fused kernels vs the float64 eager reference."""
+import zlib
+
 import pytest
 import torch
 
@@ -16,6 +18,11 @@ SHAPES = [(1, (1,)), (7, (1,)), (5, (3, 7)), (129, (2, 3)), (3, (1003,)), (4, (4
 FD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
+def seed(*parts):
+    """A generator seed from the test's parameters, stable across processes (unlike hash of str)."""
+    return zlib.crc32(repr(parts).encode())
+
+
 def randn(shape, dtype, device, gen, noncontig=False):
     if noncontig:  # a strided view of a buffer twice as wide in the last dimension
         big = torch.randn(shape[:-1] + (2 * shape[-1],), generator=gen, dtype=torch.float64)
@@ -29,10 +36,14 @@ def times(batch, device, gen):
     return (torch.rand(batch, generator=gen, dtype=torch.float64) * 0.9 + 0.05).to(device)
 
 
-def check(out, oracle, peer, bound):
-    """Fused vs float64 oracle: within bound, or 2x the same-dtype reference's own error."""
-    err = rel_err(out, oracle)
-    limit = max(bound, 2 * rel_err(peer, oracle))
+def check(out, oracle, peer, bound, inputs=()):
+    """Fused vs float64 oracle: within bound, or 2x the same-dtype reference's own error.
+
+    Errors are relative to the largest of the oracle and the inputs (conftest.rel_err), so a row
+    whose terms cancel is judged on the scale of the computation.
+    """
+    err = rel_err(out, oracle, *inputs)
+    limit = max(bound, 2 * rel_err(peer, oracle, *inputs))
     assert err <= limit, f"error {err:.3g} > {limit:.3g}"
 
 
@@ -53,7 +64,7 @@ def pair_id(p):
 @pytest.mark.parametrize("pair", dtype_pairs(), ids=pair_id)
 def test_enhance_target_matches_reference(device, pair, transport):
     dd, dm = pair
-    gen = torch.Generator().manual_seed(hash((transport, str(pair))) % 2**31)
+    gen = torch.Generator().manual_seed(seed(transport, str(pair)))
     tol = max(TOLERANCE[dd], TOLERANCE[dm])
     for batch, feat in SHAPES:
         shape = (batch,) + feat
@@ -79,7 +90,7 @@ def test_enhance_target_matches_reference(device, pair, transport):
                             want = dd
                         for o, r, p in zip(out, oracle, peer):
                             assert o.dtype == want and o.shape == shape and o.device == x.device
-                            check(o, r, p, tol if not emit or dd != torch.float32 else TOLERANCE[torch.float32])
+                            check(o, r, p, tol if not emit or dd != torch.float32 else TOLERANCE[torch.float32], (x, z))
 
 
 def test_enhance_target_rules_by_hand():
@@ -116,7 +127,7 @@ def test_enhance_target_rules_by_hand():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lam", [1.0, 0.5])
 def test_fd_inputs_matches_reference(device, lam, dtype, transport):
-    gen = torch.Generator().manual_seed(hash((transport, str(dtype), lam)) % 2**31)
+    gen = torch.Generator().manual_seed(seed(transport, str(dtype), lam))
     ct = torch.float64 if dtype == torch.float64 else torch.float32
     for batch, feat in SHAPES:
         for noncontig in (False, True):
@@ -133,7 +144,7 @@ def test_fd_inputs_matches_reference(device, lam, dtype, transport):
             ai, gi, _, _ = reference.coefficients(r.double(), transport)
             col = (-1,) + (1,) * len(feat)
             xs, zs = x.double().repeat((k,) + (1,) * len(feat)), z.double().repeat((k,) + (1,) * len(feat))
-            check(inputs, ai.reshape(col) * zs + gi.reshape(col) * xs, ref_inputs, TOLERANCE[dtype])
+            check(inputs, ai.reshape(col) * zs + gi.reshape(col) * xs, ref_inputs, TOLERANCE[dtype], (x, z))
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -141,7 +152,7 @@ def test_fd_inputs_matches_reference(device, lam, dtype, transport):
 @pytest.mark.parametrize("lam", [1.0, 0.5])
 def test_fd_target_matches_reference(device, lam, pair, transport):
     dd, dm = pair
-    gen = torch.Generator().manual_seed(hash((transport, str(pair), lam)) % 2**31)
+    gen = torch.Generator().manual_seed(seed(transport, str(pair), lam))
     ct = torch.float64 if dd == torch.float64 else torch.float32
     for batch, feat in SHAPES:
         for noncontig in (False, True):
@@ -156,7 +167,7 @@ def test_fd_target_matches_reference(device, lam, pair, transport):
             assert out.dtype == ct and out.shape == shape
             oracle = reference.fd_target(*(v.double() for v in (F_t, F_a, F_b, x, z, t)), transport, lam, 0.005)
             peer = reference.fd_target(F_t, F_a, F_b, x, z, t, transport, lam, 0.005)
-            check(out, oracle, peer, FD_TOLERANCE[dm if dd == dm else dd])
+            check(out, oracle, peer, FD_TOLERANCE[dm if dd == dm else dd], (F_t,))
 
 
 def test_fd_target_formula_by_hand():
@@ -195,7 +206,7 @@ def loss_pairs():
 @pytest.mark.parametrize("cosine", [False, True])
 def test_ucgm_loss_matches_reference(device, pair, cosine):
     fd, td = pair
-    gen = torch.Generator().manual_seed(hash((str(pair), cosine)) % 2**31)
+    gen = torch.Generator().manual_seed(seed(str(pair), cosine))
     ct = torch.float64 if td == torch.float64 else torch.float32
     for batch, feat in LOSS_SHAPES:
         if cosine and len(feat) < 1:
