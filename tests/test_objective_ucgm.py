@@ -470,3 +470,31 @@ def test_cuda_graph_capture_of_the_loss(lam, enhanced):
     x.copy_(torch.randn_like(x))
     graph.replay()
     assert torch.allclose(static_loss, ucgm.loss(model, x, y, t=t, z=z), rtol=1e-5)
+
+
+def test_loss_compiles_fullgraph():
+    """The whole loss (model calls included) traces as one graph: nothing in it breaks torch.compile."""
+    torch._dynamo.reset()
+    x, z, y, t = (v.float() if v.is_floating_point() else v for v in BATCH)
+    model = copy.deepcopy(M32)
+    ucgm = ucgm_fast.UCGM("TrigFlow", 1.0, 2.0, label_drop_ratio=0.25, huber_eps=5.0, cosine_loss=True,
+                          time_weighting="cosine", target_ema_decay=0.9)
+    eager = ucgm.loss(model, x, y, t=t, z=z)  # creates the EMA copy outside the compiled region
+    compiled = torch.compile(lambda x, y, t, z: ucgm.loss(model, x, y, t=t, z=z), fullgraph=True)
+    loss = compiled(x, y, t, z)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref = torch.autograd.grad(eager, list(model.parameters()))
+    assert torch.allclose(loss, eager, rtol=1e-5)
+    assert max_rel_err(grads, [r.double() for r in ref]) < 1e-4
+
+
+@pytest.mark.slow
+def test_loss_with_sampled_times_compiles_fullgraph():
+    """t ~ Beta(a, b) c and z ~ N(0, I) drawn inside the compiled graph too (lambda = 0, EMA target)."""
+    torch._dynamo.reset()
+    x, _, y, _ = (v.float() if v.is_floating_point() else v for v in BATCH)
+    model = copy.deepcopy(M32)
+    ucgm = ucgm_fast.UCGM("Linear", 0.0, 1.5, label_drop_ratio=0.25, cosine_loss=True, target_ema_decay=0.9)
+    ucgm.loss(model, x, y)
+    loss = torch.compile(lambda x, y: ucgm.loss(model, x, y), fullgraph=True)(x, y)
+    assert loss.shape == () and torch.isfinite(loss)
