@@ -17,6 +17,9 @@ __all__ = ["TRANSPORTS", "Transport", "get_transport", "build_info", "coefficien
 # -- end objective --
 
 # -- sampler (sampler.py, ops/sampler.py) --
+from .ops import sampler_correct, sampler_noise, sampler_step
+from .sampler import clear_graph_cache, sample
+__all__ += ["sample", "sampler_step", "sampler_correct", "sampler_noise", "clear_graph_cache"]
 # -- end sampler --
 
 # -- models, training, data, evaluation (models/, train.py, data.py, metrics.py) --

@@ -6,4 +6,5 @@ from .transport import coefficients, decode, interpolate
 # -- end objective ops --
 
 # -- sampler ops (sampler.py) --
+from .sampler import sampler_correct, sampler_noise, sampler_step
 # -- end sampler ops --

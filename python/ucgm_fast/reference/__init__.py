@@ -10,4 +10,5 @@ from .transport import coefficients, decode, decode_backward, interpolate, inter
 # -- end objective reference --
 
 # -- sampler reference (sampler.py) --
+from . import sampler
 # -- end sampler reference --
