@@ -480,6 +480,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.resume and "=" in args.resume and not os.path.exists(args.resume):
+        # `--resume key=value`: argparse gave --resume the first override; it meant "no path".
+        args.overrides.insert(0, args.resume)
+        args.resume = ""
     try:
         if args.config is None and args.resume:
             # Resume without a config: the checkpoint's own config, plus any overrides.
