@@ -2,7 +2,6 @@
 and the errors a user meets first (bad model name, data/model mismatch, foreign checkpoint)."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -185,8 +184,8 @@ def test_init_from_starts_few_step_tuning_from_ema_weights(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_with_gloo(tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
+    # torchrun of this interpreter (a `torchrun` on PATH may belong to another Python)
+    cmd = [sys.executable, "-m", "torch.distributed.run",
         "--standalone", "--nproc_per_node", "2", "-m", "ucgm_fast.train", "--config", tiny_config(tmp_path),
         "train.max_steps=6", "train.ckpt_every=3"]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
