@@ -9,6 +9,7 @@
 
 #include "ucgm/common.h"
 #include "ucgm/transport_ops.h"
+#include "ucgm/objective_ops.h"
 
 namespace py = pybind11;
 using ptr = std::uintptr_t;
@@ -78,6 +79,60 @@ PYBIND11_MODULE(_C, m) {
 #endif
 
   // ---- objective ops (ucgm/objective_ops.h) ----
+  // Optional pointers (F_wo, out2, grad_target) arrive as 0 and reach the kernels as nullptr.
+  m.def("ucgm_loss_workspace_size", &ucgm::ucgm_loss_workspace_size);
+  m.def("enhance_target_cpu", [](int dd, int dm, ptr x, ptr z, ptr fw, ptr fwo, ptr t, int64_t ts, ptr o1, ptr o2,
+                                 int64_t rows, int64_t rs, int64_t ndrop, double e, double lo, double hi, int tr, int emit) {
+    check(ucgm::enhance_target_cpu(dd, dm, cp(x), cp(z), cp(fw), cp(fwo), cp(t), ts, mp(o1), mp(o2), rows, rs, ndrop, e,
+                                   lo, hi, tr, emit), "enhance_target", false);
+  }, gil);
+  m.def("fd_inputs_cpu", [](int dd, ptr x, ptr z, ptr t, int64_t ts, ptr xo, ptr ro, int64_t rows, int64_t rs,
+                            double lam, double eps, int tr) {
+    check(ucgm::fd_inputs_cpu(dd, cp(x), cp(z), cp(t), ts, mp(xo), mp(ro), rows, rs, lam, eps, tr), "fd_inputs", false);
+  }, gil);
+  m.def("fd_target_cpu", [](int dd, int dm, ptr ft, ptr fa, ptr fb, ptr x, ptr z, ptr t, int64_t ts, ptr o,
+                            int64_t rows, int64_t rs, double lam, double eps, int tr) {
+    check(ucgm::fd_target_cpu(dd, dm, cp(ft), cp(fa), cp(fb), cp(x), cp(z), cp(t), ts, mp(o), rows, rs, lam, eps, tr),
+          "fd_target", false);
+  }, gil);
+  m.def("ucgm_loss_cpu", [](int df, int dt, ptr f, ptr tg, ptr t, int64_t ts, ptr loss, ptr root, ptr /*ws*/,
+                            int64_t rows, int64_t ch, int64_t pos, double h, int cos, int tw) {
+    check(ucgm::ucgm_loss_cpu(df, dt, cp(f), cp(tg), cp(t), ts, mp(loss), mp(root), rows, ch, pos, h, cos, tw),
+          "ucgm_loss", false);
+  }, gil);
+  m.def("ucgm_loss_backward_cpu", [](int df, int dt, ptr g, ptr f, ptr tg, ptr t, int64_t ts, ptr root, ptr gf,
+                                     ptr gt, int64_t rows, int64_t ch, int64_t pos, int cos, int tw) {
+    check(ucgm::ucgm_loss_backward_cpu(df, dt, cp(g), cp(f), cp(tg), cp(t), ts, cp(root), mp(gf), mp(gt), rows, ch,
+                                       pos, cos, tw), "ucgm_loss_backward", false);
+  }, gil);
+#ifdef UCGM_WITH_CUDA
+  m.def("enhance_target_cuda", [](int dd, int dm, ptr x, ptr z, ptr fw, ptr fwo, ptr t, int64_t ts, ptr o1, ptr o2,
+                                  int64_t rows, int64_t rs, int64_t ndrop, double e, double lo, double hi, int tr,
+                                  int emit, ptr s) {
+    check(ucgm::enhance_target_cuda(dd, dm, cp(x), cp(z), cp(fw), cp(fwo), cp(t), ts, mp(o1), mp(o2), rows, rs, ndrop,
+                                    e, lo, hi, tr, emit, mp(s)), "enhance_target", true);
+  }, gil);
+  m.def("fd_inputs_cuda", [](int dd, ptr x, ptr z, ptr t, int64_t ts, ptr xo, ptr ro, int64_t rows, int64_t rs,
+                             double lam, double eps, int tr, ptr s) {
+    check(ucgm::fd_inputs_cuda(dd, cp(x), cp(z), cp(t), ts, mp(xo), mp(ro), rows, rs, lam, eps, tr, mp(s)),
+          "fd_inputs", true);
+  }, gil);
+  m.def("fd_target_cuda", [](int dd, int dm, ptr ft, ptr fa, ptr fb, ptr x, ptr z, ptr t, int64_t ts, ptr o,
+                             int64_t rows, int64_t rs, double lam, double eps, int tr, ptr s) {
+    check(ucgm::fd_target_cuda(dd, dm, cp(ft), cp(fa), cp(fb), cp(x), cp(z), cp(t), ts, mp(o), rows, rs, lam, eps, tr,
+                               mp(s)), "fd_target", true);
+  }, gil);
+  m.def("ucgm_loss_cuda", [](int df, int dt, ptr f, ptr tg, ptr t, int64_t ts, ptr loss, ptr root, ptr ws,
+                             int64_t rows, int64_t ch, int64_t pos, double h, int cos, int tw, ptr s) {
+    check(ucgm::ucgm_loss_cuda(df, dt, cp(f), cp(tg), cp(t), ts, mp(loss), mp(root), mp(ws), rows, ch, pos, h, cos,
+                               tw, mp(s)), "ucgm_loss", true);
+  }, gil);
+  m.def("ucgm_loss_backward_cuda", [](int df, int dt, ptr g, ptr f, ptr tg, ptr t, int64_t ts, ptr root, ptr gf,
+                                      ptr gt, int64_t rows, int64_t ch, int64_t pos, int cos, int tw, ptr s) {
+    check(ucgm::ucgm_loss_backward_cuda(df, dt, cp(g), cp(f), cp(tg), cp(t), ts, cp(root), mp(gf), mp(gt), rows, ch,
+                                        pos, cos, tw, mp(s)), "ucgm_loss_backward", true);
+  }, gil);
+#endif
   // ---- end objective ops ----
 
   // ---- sampler ops (ucgm/sampler_ops.h) ----

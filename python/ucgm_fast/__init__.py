@@ -14,6 +14,9 @@ __all__ = ["TRANSPORTS", "Transport", "get_transport", "build_info", "coefficien
            "reference"]
 
 # -- objective (objective.py, ops/objective.py) --
+from .objective import UCGM
+from .ops import enhance_target, fd_inputs, fd_target, ucgm_loss
+__all__ += ["UCGM", "enhance_target", "fd_inputs", "fd_target", "ucgm_loss"]
 # -- end objective --
 
 # -- sampler (sampler.py, ops/sampler.py) --

@@ -3,6 +3,7 @@
 from .transport import coefficients, decode, interpolate
 
 # -- objective ops (objective.py) --
+from .objective import enhance_target, fd_inputs, fd_target, ucgm_loss
 # -- end objective ops --
 
 # -- sampler ops (sampler.py) --

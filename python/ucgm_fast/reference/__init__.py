@@ -7,6 +7,7 @@ One module per op group; everything is re-exported here.
 from .transport import coefficients, decode, decode_backward, interpolate, interpolate_backward
 
 # -- objective reference (objective.py) --
+from .objective import enhance_target, fd_inputs, fd_target, training_loss, ucgm_loss
 # -- end objective reference --
 
 # -- sampler reference (sampler.py) --
