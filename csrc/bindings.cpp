@@ -10,6 +10,8 @@
 #include "ucgm/common.h"
 #include "ucgm/transport_ops.h"
 #include "ucgm/objective_ops.h"
+#include "ucgm/philox.h"
+#include "ucgm/sampler_ops.h"
 
 namespace py = pybind11;
 using ptr = std::uintptr_t;
@@ -136,6 +138,37 @@ PYBIND11_MODULE(_C, m) {
   // ---- end objective ops ----
 
   // ---- sampler ops (ucgm/sampler_ops.h) ----
+  m.def("sampler_step_cpu", [](int sd, int md, ptr F, ptr x, ptr xp, ptr zp, ptr sched, ptr seed, int64_t n, int step,
+                               int tr, int mode, ptr xn, ptr xh, ptr zh) {
+    check(ucgm::sampler_step_cpu(sd, md, cp(F), cp(x), mp(xp), mp(zp), cp(sched), cp(seed), n, step, tr, mode, mp(xn),
+                                 mp(xh), mp(zh)), "sampler_step", false);
+  }, gil);
+  m.def("sampler_correct_cpu", [](int sd, int md, ptr F, ptr xn, ptr x, ptr zh, ptr sched, int64_t n, int tr, ptr out) {
+    check(ucgm::sampler_correct_cpu(sd, md, cp(F), cp(xn), cp(x), cp(zh), cp(sched), n, tr, mp(out)), "sampler_correct",
+          false);
+  }, gil);
+  m.def("philox4x32_10", [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+    const ucgm::Philox4 w = ucgm::philox4x32_10(ucgm::Philox4{{c0, c1, c2, c3}}, k0, k1);
+    return py::make_tuple(w.v[0], w.v[1], w.v[2], w.v[3]);
+  }, "Philox4x32-10 of one counter and key (the raw generator the sampler's noise comes from).");
+  m.def("philox_cpu", [](ptr seed, int step, int64_t n, int raw, ptr out) {
+    check(ucgm::philox_cpu(cp(seed), step, n, raw, mp(out)), "philox", false);
+  }, gil);
+#ifdef UCGM_WITH_CUDA
+  m.def("sampler_step_cuda", [](int sd, int md, ptr F, ptr x, ptr xp, ptr zp, ptr sched, ptr seed, int64_t n, int step,
+                                int tr, int mode, ptr xn, ptr xh, ptr zh, ptr s) {
+    check(ucgm::sampler_step_cuda(sd, md, cp(F), cp(x), mp(xp), mp(zp), cp(sched), cp(seed), n, step, tr, mode, mp(xn),
+                                  mp(xh), mp(zh), mp(s)), "sampler_step", true);
+  }, gil);
+  m.def("sampler_correct_cuda", [](int sd, int md, ptr F, ptr xn, ptr x, ptr zh, ptr sched, int64_t n, int tr, ptr out,
+                                   ptr s) {
+    check(ucgm::sampler_correct_cuda(sd, md, cp(F), cp(xn), cp(x), cp(zh), cp(sched), n, tr, mp(out), mp(s)),
+          "sampler_correct", true);
+  }, gil);
+  m.def("philox_cuda", [](ptr seed, int step, int64_t n, int raw, ptr out, ptr s) {
+    check(ucgm::philox_cuda(cp(seed), step, n, raw, mp(out), mp(s)), "philox", true);
+  }, gil);
+#endif
   // ---- end sampler ops ----
 
   // ---- model block ops (ucgm/block_ops.h) ----

@@ -20,6 +20,9 @@ __all__ += ["UCGM", "enhance_target", "fd_inputs", "fd_target", "ucgm_loss"]
 # -- end objective --
 
 # -- sampler (sampler.py, ops/sampler.py) --
+from .ops import sampler_correct, sampler_noise, sampler_step
+from .sampler import clear_graph_cache, sample
+__all__ += ["sample", "sampler_step", "sampler_correct", "sampler_noise", "clear_graph_cache"]
 # -- end sampler --
 
 # -- models, training, data, evaluation (models/, train.py, data.py, metrics.py) --

@@ -7,4 +7,5 @@ from .objective import enhance_target, fd_inputs, fd_target, ucgm_loss
 # -- end objective ops --
 
 # -- sampler ops (sampler.py) --
+from .sampler import sampler_correct, sampler_noise, sampler_step
 # -- end sampler ops --

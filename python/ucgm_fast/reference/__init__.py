@@ -11,4 +11,5 @@ from .objective import enhance_target, fd_inputs, fd_target, training_loss, ucgm
 # -- end objective reference --
 
 # -- sampler reference (sampler.py) --
+from . import sampler
 # -- end sampler reference --

@@ -1,0 +1,323 @@
+"""``ucgm_fast.sample``: the unified UCGM sampler with fused steps and optional CUDA-graph replay.
+
+Semantics: DESIGN.md, "Sampler" (the published ``uni_sample`` of LINs-lab/UCGM, quirks included):
+a Kumaraswamy-mapped time grid, decode, extrapolation from step index 2 against the previous raw
+estimates, stochastic mixing, an optional order-2 (Heun) correction, "auto" kappa fixed at the first
+step, and the last raw x_hat as the sample. Each step is one fused kernel (``sampler_step``), the
+correction another (``sampler_correct``); the noise is drawn inside the kernel from Philox keyed by
+(seed, step index), so a seed gives the same samples on CPU and CUDA.
+
+Nothing in the loop waits for the device: every per-step scalar (times, kappa, extrapolation
+ratio, guidance weight) is computed on the host before the loop and copied once, so the whole loop,
+model calls included, can be captured as one CUDA graph and replayed (``cuda_graph=True``).
+"""
+from __future__ import annotations
+
+import numbers
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+
+from ._kernels import eager_fast_path
+from .ops import sampler as fused
+from .reference import sampler as reference
+from .transports import get_transport
+
+__all__ = ["sample", "clear_graph_cache"]
+
+#: Captured loops kept at most (least recently used dropped first): each holds its own memory pool.
+GRAPH_CACHE_SIZE = 8
+_GRAPHS: "OrderedDict[tuple, _Captured]" = OrderedDict()
+
+
+def clear_graph_cache() -> None:
+    """Drops every captured sampling graph (and the memory it holds)."""
+    _GRAPHS.clear()
+
+
+def _real(op, name, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(v).__name__}")
+    return float(v)
+
+
+def _pair(op, name, v, n):
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != n:
+        raise ValueError(f"{op}: {name} must be a sequence of {n} numbers, got {v!r}")
+    return tuple(_real(op, f"{name}[{i}]", x) for i, x in enumerate(v))
+
+
+def _num_classes(model) -> Optional[int]:
+    # As published: the attribute of the innermost module (DDP / compile wrappers expose .module).
+    m = model
+    while hasattr(m, "module"):
+        m = m.module
+    if hasattr(m, "num_classes"):
+        return m.num_classes
+    return getattr(getattr(model, "_orig_mod", None), "num_classes", None)
+
+
+class _Plan:
+    """Everything the loop needs, fixed before it runs: validated arguments and per-step tables."""
+
+    def __init__(self, model, noise, transport, steps, order, stochast_ratio, extrapol_ratio, time_dist_ctrl,
+                 rfba_gap_steps, cfg_scale, cfg_interval, seed, state_dtype, return_trajectory, cuda_graph, y):
+        op = "sample"
+        if not callable(model):
+            raise TypeError(f"{op}: model must be callable as model(x, t, y), got {type(model).__name__}")
+        if not isinstance(noise, torch.Tensor):
+            raise TypeError(f"{op}: noise must be a torch.Tensor, got {type(noise).__name__}")
+        if not noise.is_floating_point():
+            raise TypeError(f"{op}: noise has dtype {noise.dtype}; expected a floating dtype")
+        if noise.dim() == 0 or noise.shape[0] == 0:
+            raise ValueError(f"{op}: noise must have shape (B, ...) with B >= 1, got {tuple(noise.shape)}")
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise ValueError(f"{op}: steps must be an integer >= 1, got {steps!r}")
+        if order not in (1, 2) or isinstance(order, bool):
+            raise ValueError(f"{op}: order must be 1 or 2, got {order!r}")
+        self.auto = isinstance(stochast_ratio, str)
+        if self.auto:
+            if stochast_ratio.lower() != "auto":
+                raise ValueError(f"{op}: stochast_ratio must be a number in [0, 1] or 'auto', got {stochast_ratio!r}")
+        else:
+            kappa = _real(op, "stochast_ratio", stochast_ratio)
+            if not 0.0 <= kappa <= 1.0:
+                raise ValueError(f"{op}: stochast_ratio must be in [0, 1] (or 'auto'), got {kappa}")
+        e = _real(op, "extrapol_ratio", extrapol_ratio)
+        if not e >= 0.0:
+            raise ValueError(f"{op}: extrapol_ratio must be >= 0, got {e}")
+        a, b, c = _pair(op, "time_dist_ctrl", time_dist_ctrl, 3)
+        if not (a > 0 and b > 0 and c > 0):
+            raise ValueError(f"{op}: time_dist_ctrl (a, b, c) must all be > 0, got {(a, b, c)}")
+        g0, g1 = _pair(op, "rfba_gap_steps", rfba_gap_steps, 2)
+        if not (g0 >= 0 and g1 >= 0 and g0 < 1.0 - g1):
+            raise ValueError(f"{op}: rfba_gap_steps {(g0, g1)} leave an empty time interval [g0, 1 - g1]; "
+                             "need 0 <= g0 < 1 - g1 with g1 >= 0")
+        scale = _real(op, "cfg_scale", cfg_scale)
+        if not scale >= 0:
+            raise ValueError(f"{op}: cfg_scale must be >= 0 (0 disables guidance), got {scale}")
+        lo, hi = _pair(op, "cfg_interval", cfg_interval, 2)
+        if not lo <= hi:
+            raise ValueError(f"{op}: cfg_interval must be (lo, hi) with lo <= hi, got {(lo, hi)}")
+        if state_dtype not in fused.STATE_DTYPES:
+            raise TypeError(f"{op}: state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
+        self.seed = fused.make_seed(op, seed, torch.device("cpu"))
+        tr = get_transport(transport)
+        grid = reference.time_grid(int(steps), order, tr, (a, b, c), (g0, g1))  # also checks the transport
+        if not torch.isfinite(grid).all():
+            raise ValueError(f"{op}: the time grid has non-finite values for time_dist_ctrl {(a, b, c)}")
+        # Guidance: off at scale 0, and at scale 1 (uncond + 1 (cond - uncond) = cond, one half suffices).
+        self.cfg = scale not in (0.0, 1.0)
+        if y is not None:
+            if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != noise.shape[0]:
+                raise ValueError(f"{op}: y must be a tensor of shape (B,) = ({noise.shape[0]},) of class labels")
+            if y.device != noise.device:
+                raise ValueError(f"{op}: y is on {y.device} but noise is on {noise.device}")
+        if self.cfg:
+            if y is None:
+                raise ValueError(f"{op}: classifier-free guidance (cfg_scale={scale}) needs class labels y")
+            null = _num_classes(model)
+            if null is None:
+                raise ValueError(f"{op}: classifier-free guidance needs model.num_classes (the null class label)")
+            y = torch.cat([y, torch.full_like(y, int(null))])
+        if cuda_graph and not noise.is_cuda:
+            raise ValueError(f"{op}: cuda_graph=True needs CUDA noise (got noise on {noise.device})")
+        if cuda_graph and tr.id is None:
+            raise ValueError(f"{op}: cuda_graph=True needs a built-in transport (custom transports run eagerly)")
+
+        self.model, self.noise, self.tr, self.order, self.e = model, noise, tr, order, e
+        self.state_dtype, self.trajectory, self.y = state_dtype, bool(return_trajectory), y
+        self.iters = len(grid) - 1
+        kappa = reference.auto_stochast_ratio(tr, float(grid[0]), float(grid[1])) if self.auto else kappa
+        sched = torch.zeros(self.iters, 4, dtype=torch.float64)
+        sched[:, 0], sched[:, 1], sched[:, 2], sched[:, 3] = grid[:-1], grid[1:], kappa, e
+        batch = noise.shape[0] * (2 if self.cfg else 1)
+        t_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
+        # The model sees t in float32 (float64 for float64 noise), as published: t_cur.to(float32).
+        t_model = grid.to(t_dtype).reshape(-1, 1).expand(-1, batch).contiguous()
+        inside = (grid >= lo) & (grid <= hi)
+        weight = torch.where(inside, torch.tensor(scale, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+        dev = noise.device
+        pin = dev.type == "cuda"
+        self.sched = self._to(sched, dev, pin)
+        self.t_model = self._to(t_model, dev, pin)
+        self.weight = self._to(weight.to(torch.float32), dev, pin)
+        self.seed = self._to(self.seed, dev, pin)
+        self.key = (id(model), tuple(noise.shape), noise.dtype, dev, state_dtype, self.iters, order, tr.id, e > 0,
+                    self.cfg, None if y is None else (y.dtype, tuple(y.shape)), self.trajectory)
+
+    @staticmethod
+    def _to(t, dev, pin):
+        if dev.type == "cpu":
+            return t
+        return (t.pin_memory() if pin else t).to(dev, non_blocking=True)
+
+
+def _run(plan: _Plan, noise: torch.Tensor, sched: torch.Tensor, t_model: torch.Tensor, weight: torch.Tensor,
+         seed: torch.Tensor, y: Optional[torch.Tensor]):
+    """The sampling loop on device tensors: no host synchronization, nothing that grows with steps
+    unless the trajectory is kept."""
+    model, tr, order, last = plan.model, plan.tr, plan.order, plan.iters - 1
+    mdtype = noise.dtype
+    fast = eager_fast_path() and tr.id is not None
+
+    def call(x, i):
+        xin = x if x.dtype == mdtype else x.to(mdtype)
+        if plan.cfg:
+            xin = torch.cat([xin, xin])
+        try:
+            out = model(xin, t_model[i]) if y is None else model(xin, t_model[i], y)
+        except Exception as exc:
+            if i == 0:
+                raise ValueError(f"sample: the model rejected noise of shape {tuple(noise.shape)} "
+                                 f"({type(exc).__name__}: {exc})") from exc
+            raise
+        if not isinstance(out, torch.Tensor) or out.shape != xin.shape:
+            raise ValueError(f"sample: the model returned {tuple(getattr(out, 'shape', ()))} for input "
+                             f"{tuple(xin.shape)}; it must return a tensor shaped like its input")
+        if plan.cfg:
+            cond, uncond = out.chunk(2)
+            out = uncond + weight[i].to(out.dtype) * (cond - uncond)
+        return out
+
+    def step(F, x, xp, zp, i, mode, hats):
+        if tr.id is None:
+            noise_i = fused.sampler_noise(x.shape, seed, i, device=x.device) if x.numel() else None
+            s = sched[i]
+            return reference.sampler_step(F, x, s[0], s[1], tr, step=i, stochast_ratio=s[2], extrapol_ratio=s[3],
+                                          x_prev=xp if mode else None, z_prev=zp if mode else None,
+                                          return_hats=True, noise=noise_i)
+        if fast:
+            return fused._step_impl(F, x, xp, zp, sched[i], seed, i, tr.id, mode, hats)
+        return torch.ops.ucgm_fast.sampler_step(F, x, xp, zp, sched[i], seed, i, tr.id, mode, hats)
+
+    def correct(F, xn, x, zh, i):
+        if tr.id is None:
+            return reference.sampler_correct(F, xn, x, zh, sched[i, 0], sched[i, 1], tr)
+        if fast:
+            return fused._correct_impl(F, xn, x, zh, sched[i], tr.id)
+        return torch.ops.ucgm_fast.sampler_correct(F, xn, x, zh, sched[i], tr.id)
+
+    shape = noise.shape
+    x = noise.to(plan.state_dtype).contiguous()
+    if plan.e > 0:
+        xp, zp = torch.empty_like(x), torch.empty_like(x)
+    else:
+        xp = zp = x.new_empty((0,))
+    hats_all = []
+    x_hat = None
+    for i in range(plan.iters):
+        F = call(x, i)
+        mode = fused.EXTRAPOL_OFF if plan.e == 0 else (fused.EXTRAPOL_APPLY if i >= 2 else fused.EXTRAPOL_RECORD)
+        correcting = order == 2 and i < last
+        hats = plan.trajectory or correcting or i == last
+        x_next, x_hat, z_hat = step(F.reshape(shape), x, xp, zp, i, mode, hats)
+        if plan.trajectory:
+            hats_all.append(x_hat.view(shape))
+        if correcting:
+            F_pri = call(x_next.view(shape), i + 1)
+            x_next = correct(F_pri.reshape(shape), x_next, x, z_hat, i)
+        x = x_next.view(shape)
+    x_hat = x_hat.view(shape)
+    return (x_hat, torch.stack(hats_all)) if plan.trajectory else x_hat
+
+
+class _Captured:
+    """One captured loop: static inputs copied in before each replay, static outputs cloned after."""
+
+    def __init__(self, plan: _Plan):
+        self.model = plan.model  # keeps id(model) in the key from being reused while cached
+        self.noise = plan.noise.clone()
+        self.sched, self.t_model = plan.sched.clone(), plan.t_model.clone()
+        self.weight, self.seed = plan.weight.clone(), plan.seed.clone()
+        self.y = None if plan.y is None else plan.y.clone()
+        args = (plan, self.noise, self.sched, self.t_model, self.weight, self.seed, self.y)
+        # Warm up on a side stream (lazy initializations must not happen during capture).
+        side = torch.cuda.Stream(device=plan.noise.device)
+        side.wait_stream(torch.cuda.current_stream(plan.noise.device))
+        with torch.cuda.stream(side):
+            _run(*args)
+        torch.cuda.current_stream(plan.noise.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = _run(*args)
+
+    def replay(self, plan: _Plan):
+        self.noise.copy_(plan.noise)
+        self.sched.copy_(plan.sched)
+        self.t_model.copy_(plan.t_model)
+        self.weight.copy_(plan.weight)
+        self.seed.copy_(plan.seed)
+        if self.y is not None:
+            self.y.copy_(plan.y)
+        self.graph.replay()
+        if isinstance(self.out, tuple):
+            return tuple(o.clone() for o in self.out)
+        return self.out.clone()
+
+
+@torch.no_grad()
+def sample(model, noise, transport="Linear", steps=2, order=1, stochast_ratio=1.0, extrapol_ratio=0.0,
+           time_dist_ctrl=(1.0, 1.0, 1.0), rfba_gap_steps=(0.001, 0.3), cfg_scale=0.0, cfg_interval=(0.0, 0.75),
+           seed=0, state_dtype=torch.float32, return_trajectory=False, cuda_graph=False, y=None):
+    """x = x_hat of the last step of the UCGM sampler started from ``noise``.
+
+    Each step: (x_hat, z_hat) = decode(model(x, t, y)) at t; from step index 2 on,
+    x_hat += e (x_hat - previous raw x_hat) (z_hat likewise); x <- gamma_in(t') x_hat +
+    alpha_in(t') (sqrt(1 - kappa) z_hat + sqrt(kappa) eps), eps ~ Philox(seed, step). Order 2 adds a
+    Heun correction with a second model call at t' (every step but the last). See DESIGN.md, "Sampler".
+
+    Parameters
+    ----------
+    model : callable
+        Called as ``model(x, t, y)`` (``model(x, t)`` without labels), x in noise's dtype, t of shape
+        (B,) in float32 (float64 for float64 noise); returns F shaped like x.
+    noise : Tensor
+        Initial noise (B, ...); its dtype is the dtype the model is fed.
+    transport : str or Transport
+    steps : int
+        Number of steps, >= 1 (order 2 uses (steps + 1) // 2 grid points, two model calls each).
+    order : {1, 2}
+    stochast_ratio : float or "auto"
+        kappa in [0, 1]; "auto" computes it at the first step and keeps it (as published).
+    extrapol_ratio : float
+        e >= 0.
+    time_dist_ctrl : (a, b, c)
+        Kumaraswamy time map (1 - (1 - u^a)^b)^c, all > 0.
+    rfba_gap_steps : (g0, g1)
+        Boundary gaps: the grid spans [g0, 1 - g1] before the map; 0 <= g0 < 1 - g1.
+    cfg_scale : float
+        Classifier-free guidance scale w >= 0; 0 (or 1) disables it. With guidance the model is called
+        once on the conditional and unconditional halves (labels y and model.num_classes) and
+        F = F_uncond + w' (F_cond - F_uncond), w' = w for t in cfg_interval (inclusive), else 1.
+    cfg_interval : (lo, hi)
+    seed : int
+        Keys the in-kernel noise with the step index: same seed, same samples, on CPU and CUDA.
+    state_dtype : torch.float32 or torch.float64
+        Precision of the state and of the step arithmetic.
+    return_trajectory : bool
+        Also return every step's x_hat, stacked (steps_run, B, ...).
+    cuda_graph : bool
+        Capture the whole loop (model calls included) once per model, shape, dtype and step count and
+        replay it. The model's parameters must stay at the same addresses (in-place updates are fine);
+        see :func:`clear_graph_cache`.
+    y : Tensor, optional
+        Class labels (B,).
+
+    Returns
+    -------
+    Tensor or (Tensor, Tensor)
+        The sample in ``state_dtype`` (and the trajectory).
+    """
+    plan = _Plan(model, noise, transport, steps, order, stochast_ratio, extrapol_ratio, time_dist_ctrl,
+                 rfba_gap_steps, cfg_scale, cfg_interval, seed, state_dtype, return_trajectory, cuda_graph, y)
+    if not cuda_graph:
+        return _run(plan, plan.noise, plan.sched, plan.t_model, plan.weight, plan.seed, plan.y)
+    captured = _GRAPHS.pop(plan.key, None)
+    if captured is None:
+        captured = _Captured(plan)
+    _GRAPHS[plan.key] = captured
+    while len(_GRAPHS) > GRAPH_CACHE_SIZE:
+        _GRAPHS.popitem(last=False)
+    return captured.replay(plan)
