@@ -275,7 +275,9 @@ def validate_config(cfg: Dict[str, Any]) -> None:
         if _get(cfg, key) < 1:
             raise ConfigError(f"config key {key!r} must be >= 1, got {_get(cfg, key)!r}")
     stoch = cfg["sample"]["stochast_ratio"]
-    if not (stoch == "Auto" or (isinstance(stoch, (int, float)) and not isinstance(stoch, bool) and 0 <= stoch <= 1)):
+    auto = isinstance(stoch, str) and stoch.lower() == "auto"
+    number = isinstance(stoch, (int, float)) and not isinstance(stoch, bool)
+    if not (auto or (number and 0 <= stoch <= 1)):
         raise ConfigError(f"config key 'sample.stochast_ratio' must be in [0, 1] or 'Auto', got {stoch!r}")
     if not 0.0 <= cfg["transport"]["consistc_ratio"] <= 1.0:
         raise ConfigError("config key 'transport.consistc_ratio' must be in [0, 1], got "

@@ -102,7 +102,10 @@ def build_objective(cfg: Dict[str, Any]):
     """The UCGM objective of the ``transport`` section (published keys)."""
     from .objective import UCGM
 
-    return UCGM.from_config(cfg["transport"])
+    try:
+        return UCGM.from_config(cfg["transport"])
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"transport: {err}") from None
 
 
 def sample_images(model: torch.nn.Module, cfg: Dict[str, Any], labels: torch.Tensor, seed: int = 0,
@@ -389,6 +392,7 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
         loss.backward()
         clip_and_sanitize_grads(params, cfg["optimizer"]["max_grad_norm"], tcfg["zero_nonfinite_grads"])
         opt.step()
+        objective.update_target(train_model)  # the target network's EMA step (no-op for D = 0 or 1)
         ema_tail.update(tcfg["ema_decay"])
         step += 1
         loss_sum += loss.detach().float()
