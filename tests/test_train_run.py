@@ -90,6 +90,7 @@ def _run_cli(args, **kw):
                           text=True, **kw)
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_exact(tmp_path):
     steps, every = 60, 10
     common = [f"train.max_steps={steps}", f"train.ckpt_every={every}", "train.keep_last=10"]

@@ -64,7 +64,7 @@ class _IndexSampler:
 class Batches:
     """Iterator of (x, y) batches from step ``start`` on, for a map-style dataset of (x, y) items.
 
-    A dataset with in-memory ``tensors`` (x, y) is indexed directly (no per-item Python work);
+    A dataset with in-memory ``images`` / ``labels`` (or ``tensors``) is indexed directly (no per-item Python work);
     any other dataset goes through ``torch.utils.data.DataLoader`` with ``num_workers`` workers,
     its batches still chosen by the plan.
     """
@@ -72,6 +72,8 @@ class Batches:
     def __init__(self, dataset, plan: BatchPlan, start: int = 0, num_workers: int = 0):
         self.plan, self.step = plan, start
         tensors = getattr(dataset, "tensors", None)
+        if tensors is None and isinstance(getattr(dataset, "images", None), torch.Tensor):
+            tensors = (dataset.images, dataset.labels)
         if tensors is not None and len(tensors) >= 2:
             self._x, self._y = tensors[0], tensors[1]
             self._it = None

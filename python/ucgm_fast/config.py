@@ -111,7 +111,7 @@ DEFAULTS: Dict[str, Any] = {
     },
     "eval": {
         "num_samples": 1000,         # generated images scored by ucgm-eval
-        "classifier_epochs": 5,      # feature classifier training (cached per dataset)
+        "classifier_epochs": None,   # feature classifier training epochs (None: the metrics default)
         "cache_dir": None,           # None: ~/.cache/ucgm_fast
     },
 }

@@ -73,18 +73,45 @@ def check_model_config(found: Dict[str, Any], wanted: Dict[str, Any], path: str)
 
 
 def build_dataset(cfg: Dict[str, Any], split: str = "train"):
-    """The dataset of ``data.*`` for split 'train' or 'test' (see :mod:`ucgm_fast.data`)."""
+    """The :class:`ucgm_fast.data.ImageDataset` of ``data.*``, split 'train' or 'test' (held out).
+
+    Latents get the published scaling: standardised per channel with the train split's statistics
+    when ``data.latent_norm``, then multiplied by ``data.latent_multiplier``.
+    """
     from . import data as data_mod
 
     d = cfg["data"]
-    return data_mod.get_dataset(d["name"], split=split, data_path=d["data_path"], image_size=d["image_size"],
-                                channels=d["channels"], latent_norm=d["latent_norm"],
-                                latent_multiplier=d["latent_multiplier"])
+    name = d["name"]
+    kw: Dict[str, Any] = {}
+    if name == "image-folder":
+        kw = {"root": d["data_path"], "size": d["image_size"], "channels": d["channels"] or 3}
+    elif name == "latents":
+        kw = {"path": d["data_path"], "num_classes": d["num_classes"]}
+    elif name == "fashion-mnist" and d["data_path"]:
+        kw = {"root": d["data_path"]}
+    if name == "latents" and split == "test":
+        kw["holdout_fraction"] = 0.01  # latent files carry no held-out part: hold back 1%
+    try:
+        dataset = data_mod.get_dataset(name, split=split, **kw)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"data ({name}): {err}") from None
+    if dataset.num_classes != d["num_classes"]:
+        raise ConfigError(f"data.num_classes is {d['num_classes']} but dataset {name!r} has "
+                          f"{dataset.num_classes} classes")
+    if name == "latents":
+        scale = float(d["latent_multiplier"])
+        if d["latent_norm"]:
+            ref = dataset if split == "train" else data_mod.get_dataset(name, split="train", **kw)
+            mean = ref.images.mean(dim=(0, 2, 3), keepdim=True)
+            std = ref.images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)
+            dataset.images = (dataset.images - mean) / std
+        if scale != 1.0:
+            dataset.images = dataset.images * scale
+    return dataset
 
 
 def _dataset_shape(dataset) -> tuple:
-    x = dataset.tensors[0] if getattr(dataset, "tensors", None) is not None else dataset[0][0]
-    return tuple(x.shape[-3:])
+    return tuple(dataset.images.shape[-3:])
 
 
 def check_dataset(dataset, mcfg: Dict[str, Any], name: str) -> None:
@@ -132,12 +159,10 @@ def sample_images(model: torch.nn.Module, cfg: Dict[str, Any], labels: torch.Ten
 
 
 def images_of(dataset, x: torch.Tensor) -> torch.Tensor:
-    """Model-space samples -> [0, 1] images: the dataset's own decoder if it has one."""
-    for attr in ("to_images", "denormalize"):
-        fn = getattr(dataset, attr, None)
-        if callable(fn):
-            return fn(x.detach().float().cpu()).clamp(0, 1)
-    return to_display(x)
+    """Model-space samples -> [0, 1] images: pixel datasets live in [-1, 1]; latents get a min-max view."""
+    if dataset is None or getattr(dataset, "name", "latents") == "latents":
+        return to_display(x)
+    return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
 
 
 def grid_labels(num_classes: int, n: int) -> torch.Tensor:
