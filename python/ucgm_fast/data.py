@@ -1,0 +1,359 @@
+"""Datasets held in memory as tensors, and an infinite shuffled loader whose position can be saved.
+
+Every dataset is an :class:`ImageDataset`: ``images`` (N, C, H, W) float32 (pixels scaled to [-1, 1];
+latents as stored), ``labels`` (N,) int64 in [0, num_classes), ``num_classes``. Nothing is downloaded:
+
+- ``digits``: scikit-learn's ``load_digits`` (1797 8x8 grey digits, 10 classes), a fixed stratified
+  80/20 train/held-out split.
+- ``fashion-mnist``: Fashion-MNIST (60000 train + 10000 test, 28x28) from the idx gzip files of Debian's
+  ``dataset-fashion-mnist`` package (or a directory given as ``root``).
+- ``image-folder``: ``root/<class>/<image>``; centre-cropped, resized to ``size``, held out per class.
+- ``latents``: a ``.npz`` (arrays ``latents`` and ``labels``) or a ``.npy`` array (+ ``labels`` file).
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: Names accepted by :func:`get_dataset`.
+DATASETS = ("digits", "fashion-mnist", "image-folder", "latents")
+#: Splits accepted by :func:`get_dataset`: "test" is the held-out part.
+SPLITS = ("train", "test", "all")
+#: Where Debian's dataset-fashion-mnist installs its files.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class ImageDataset:
+    """images (N, C, H, W) float32 and labels (N,) int64 in [0, num_classes), all in memory."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    name: str = ""
+    split: str = "all"
+    class_names: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.images.dim() != 4:
+            raise ValueError(f"{self.name}: images must have shape (N, C, H, W), got {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"{self.name}: labels have shape {tuple(self.labels.shape)}; expected "
+                             f"({self.images.shape[0]},), one per image")
+        if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= self.num_classes):
+            raise ValueError(f"{self.name}: labels must lie in [0, {self.num_classes}), got "
+                             f"[{int(self.labels.min())}, {int(self.labels.max())}]")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index]
+
+    @property
+    def in_channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def input_size(self) -> int:
+        """The image side (images are square)."""
+        return self.images.shape[-1]
+
+    def subset(self, index) -> "ImageDataset":
+        """The rows ``index`` (a tensor or array of indices) as a new dataset."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return ImageDataset(self.images[index], self.labels[index], self.num_classes, self.name, self.split,
+                            self.class_names)
+
+
+def holdout_split(labels: torch.Tensor, fraction: float, seed: int = 0):
+    """(train, test) index tensors: round(fraction * n_c) of each class c held out, chosen by a seeded permutation."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout_fraction must lie in [0, 1), got {fraction}")
+    gen = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in torch.unique(labels).tolist():
+        rows = torch.nonzero(labels == c).flatten()
+        rows = rows[torch.randperm(len(rows), generator=gen)]
+        n_test = int(round(fraction * len(rows)))
+        test.append(rows[:n_test])
+        train.append(rows[n_test:])
+    return torch.cat(train).sort().values, torch.cat(test).sort().values
+
+
+def _select_split(data: ImageDataset, split: str, fraction: float, seed: int) -> ImageDataset:
+    if split == "all":
+        return data
+    if fraction == 0.0 and split == "test":
+        raise ValueError(f"{data.name}: split='test' needs holdout_fraction > 0")
+    train, test = holdout_split(data.labels, fraction, seed)
+    out = data.subset(train if split == "train" else test)
+    out.split = split
+    return out
+
+
+def _limit(data: ImageDataset, limit):
+    if limit is None:
+        return data
+    if not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    return data.subset(torch.arange(min(limit, len(data))))
+
+
+#################################################################################
+#                                   Datasets                                    #
+#################################################################################
+
+def load_digits(split: str = "train", holdout_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
+    """scikit-learn's 8x8 digits: pixels v in 0..16 mapped to v / 8 - 1 in [-1, 1]; 10 classes."""
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError as exc:  # scikit-learn is an optional extra
+        raise ImportError("the 'digits' dataset needs scikit-learn: pip install 'ucgm_fast[train]'") from exc
+    bunch = sk_load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 8.0 - 1.0).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    data = ImageDataset(images, labels, 10, "digits", "all", [str(i) for i in range(10)])
+    return _select_split(data, split, holdout_fraction, seed)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An idx file (gzip or plain): big-endian magic (dtype code, ndim), sizes, then the raw array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4:
+        raise ValueError(f"{path}: not an idx file (too short)")
+    zero, code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or code != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte idx file (magic {raw[:4].hex()})")
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: idx header says shape {shape} but holds {data.size} values (truncated?)")
+    return data.reshape(shape)
+
+
+def fashion_mnist_dir(root=None) -> Path:
+    """The directory of the Fashion-MNIST idx files: root, $UCGM_FASHION_MNIST_DIR or Debian's location."""
+    root = Path(root or os.environ.get("UCGM_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
+    missing = [name for pair in FASHION_MNIST_FILES.values() for name in pair if not (root / name).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}). Install Debian's package: "
+            "`apt-get install dataset-fashion-mnist` (it puts the idx files in "
+            f"{FASHION_MNIST_DIR}), or pass root= / set UCGM_FASHION_MNIST_DIR to a directory holding them.")
+    return root
+
+
+def load_fashion_mnist(split: str = "train", root=None) -> ImageDataset:
+    """Fashion-MNIST 28x28: pixels v in 0..255 mapped to v / 127.5 - 1; the official 60000/10000 split."""
+    root = fashion_mnist_dir(root)
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+             "Ankle boot"]
+    parts = []
+    for part in (("train", "test") if split == "all" else (split,)):
+        img_file, lab_file = FASHION_MNIST_FILES[part]
+        images = _read_idx(root / img_file)
+        labels = _read_idx(root / lab_file)
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{root}: {img_file} holds {images.shape[0]} images but {lab_file} "
+                             f"{labels.shape[0]} labels")
+        parts.append((images, labels))
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    tensor = torch.from_numpy(images.astype(np.float32)).div_(127.5).sub_(1.0).unsqueeze(1)
+    return ImageDataset(tensor, torch.from_numpy(labels.astype(np.int64)), 10, "fashion-mnist", split, names)
+
+
+def load_image_folder(root, size: int, split: str = "train", channels: int = 3, holdout_fraction: float = 0.1,
+                      seed: int = 0) -> ImageDataset:
+    """root/<class>/<image>: centre-cropped to a square, resized to size x size, pixels mapped to [-1, 1]."""
+    from PIL import Image
+
+    if root is None:
+        raise ValueError("image-folder: pass root=<directory with one subfolder per class>")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image-folder: {root} is not a directory")
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"image-folder: size must be a positive integer, got {size!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"image-folder: channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"image-folder: {root} has no class subfolders")
+    images, labels = [], []
+    for index, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        for path in files:
+            with Image.open(path) as im:
+                im = im.convert("L" if channels == 1 else "RGB")
+                w, h = im.size
+                side = min(w, h)
+                left, top = (w - side) // 2, (h - side) // 2
+                im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+                array = np.asarray(im, dtype=np.float32).reshape(size, size, channels)
+            images.append(array.transpose(2, 0, 1))
+            labels.append(index)
+    if not images:
+        raise ValueError(f"image-folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    tensor = torch.from_numpy(np.stack(images)).div_(127.5).sub_(1.0)
+    data = ImageDataset(tensor, torch.tensor(labels, dtype=torch.int64), len(classes), "image-folder", "all",
+                        classes)
+    return _select_split(data, split, holdout_fraction, seed)
+
+
+def load_latents(path, split: str = "train", labels=None, num_classes=None, holdout_fraction: float = 0.0,
+                 seed: int = 0) -> ImageDataset:
+    """Pre-encoded latents (N, C, H, W) with labels, unscaled: a .npz (latents, labels) or a .npy (+ labels file).
+
+    A ``.npz`` holds ``latents`` (or ``x`` / ``images``) and ``labels`` (or ``y``). A ``.npy`` holds the
+    latents; ``labels`` is then a path to a ``.npy`` of labels or omitted (every label 0, one class).
+    """
+    if path is None:
+        raise ValueError("latents: pass path=<.npz or .npy file>")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latents: {path} does not exist")
+    if path.suffix == ".npz":
+        with np.load(path) as archive:
+            keys = set(archive.files)
+            x_key = next((k for k in ("latents", "x", "images") if k in keys), None)
+            y_key = next((k for k in ("labels", "y") if k in keys), None)
+            if x_key is None:
+                raise ValueError(f"latents: {path} has arrays {sorted(keys)}; expected 'latents' (or 'x' / 'images')")
+            x = archive[x_key]
+            y = archive[y_key] if y_key else None
+    elif path.suffix == ".npy":
+        x = np.load(path)
+        y = None
+    else:
+        raise ValueError(f"latents: {path} must be a .npz or .npy file")
+    if labels is not None:
+        y = np.load(labels) if isinstance(labels, (str, os.PathLike)) else np.asarray(labels)
+    if y is None:
+        y = np.zeros(len(x), dtype=np.int64)
+    if x.ndim != 4:
+        raise ValueError(f"latents: {path} holds an array of shape {x.shape}; expected (N, C, H, W)")
+    if not np.issubdtype(np.asarray(y).dtype, np.integer):
+        raise ValueError(f"latents: labels must be integers, got dtype {np.asarray(y).dtype}")
+    y = torch.from_numpy(np.asarray(y).astype(np.int64).reshape(-1))
+    if num_classes is None:
+        num_classes = int(y.max()) + 1 if len(y) else 1
+    data = ImageDataset(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), y, int(num_classes),
+                        "latents", "all")
+    return _select_split(data, split, holdout_fraction, seed)
+
+
+def get_dataset(name: str, split: str = "train", limit=None, **kw) -> ImageDataset:
+    """The dataset ``name`` (see DATASETS), split "train", "test" (held out) or "all".
+
+    Parameters
+    ----------
+    name : str
+        "digits", "fashion-mnist", "image-folder" (needs ``root``, ``size``) or "latents" (needs ``path``).
+    split : str
+        "train", "test" or "all".
+    limit : int, optional
+        Keep only the first ``limit`` rows (quick runs and tests).
+    **kw
+        Passed to the loader: ``holdout_fraction``, ``seed`` (digits, image-folder, latents), ``root``
+        (fashion-mnist, image-folder), ``size``, ``channels`` (image-folder), ``path``, ``labels``,
+        ``num_classes`` (latents).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    loaders = {"digits": load_digits, "fashion-mnist": load_fashion_mnist, "image-folder": load_image_folder,
+               "latents": load_latents}
+    key = name.lower().replace("_", "-") if isinstance(name, str) else name
+    if key == "fashion":
+        key = "fashion-mnist"
+    if key not in loaders:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    try:
+        data = loaders[key](split=split, **kw)
+    except TypeError as exc:
+        if "unexpected keyword" in str(exc):
+            raise TypeError(f"get_dataset({name!r}): {exc}") from None
+        raise
+    return _limit(data, limit)
+
+
+#################################################################################
+#                                     Loader                                    #
+#################################################################################
+
+class InfiniteLoader:
+    """Endless shuffled batches (images, labels) of a dataset, resumable exactly from ``state_dict()``.
+
+    Epoch e is the permutation ``torch.randperm(N, generator=torch.Generator().manual_seed(seed + e))``
+    (a fresh generator per epoch, so the state is just (epoch, position)). With ``world_size > 1``
+    each rank takes every ``world_size``-th index of that permutation (DDP). A batch never spans
+    two epochs: the tail shorter than ``batch_size`` is dropped, so every batch has the same shape
+    (one compiled graph).
+    """
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int = 0, device=None, rank: int = 0,
+                 world_size: int = 1):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+        per_rank = len(dataset) // world_size
+        if per_rank < batch_size:
+            raise ValueError(f"batch_size={batch_size} is larger than the {per_rank} samples per rank "
+                             f"({len(dataset)} samples, world_size={world_size})")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.device = torch.device(device) if device is not None else None
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = per_rank // batch_size
+        self.epoch, self.position = 0, 0
+        self._order = None
+
+    def _epoch_order(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(len(self.dataset), generator=gen)
+        return perm[self.rank::self.world_size]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self._order = self._epoch_order()
+        index = self._order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+        self.position += 1
+        x, y = self.dataset.images[index], self.dataset.labels[index]
+        if self.device is not None:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+        return x, y
+
+    def state_dict(self) -> dict:
+        """{seed, epoch, position}: enough to continue with the very next batch."""
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continues from a state_dict(); the seed must be the one this loader was made with."""
+        missing = {"seed", "epoch", "position"} - set(state)
+        if missing:
+            raise ValueError(f"loader state lacks {', '.join(sorted(missing))}")
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"loader state has seed {state['seed']} but this loader uses seed {self.seed}")
+        self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
