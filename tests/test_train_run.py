@@ -24,7 +24,7 @@ TINY = {
     "optimizer": {"lr": 1e-3, "max_grad_norm": 1.0},
     "transport": {"type": "Linear", "consistc_ratio": 0.0, "enhanced_ratio": 0.3, "ema_decay_rate": 0.9},
     "sample": {"sampling_steps": 2},
-    "eval": {"num_samples": 100, "classifier_epochs": 1},
+    "eval": {"num_samples": 100, "classifier_epochs": 4},
 }
 
 
@@ -198,3 +198,45 @@ def test_ddp_two_cpu_processes_with_gloo(tmp_path):
     assert payload["world_size"] == 2 and len(payload["rng"]) == 2
     assert not torch.equal(payload["rng"][0]["cpu"], payload["rng"][1]["cpu"])  # ranks draw differently
     assert done.stderr.count("done: step 6") == 1
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    cfg = load_config(tiny_config(tmp), ["train.max_steps=4", "train.ckpt_every=4"])
+    train(cfg)
+    return os.path.join(cfg["output_dir"], "checkpoints", "0000004.pt")
+
+
+def _cli(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], env=_env(), capture_output=True, text=True)
+
+
+def test_sample_cli_writes_a_grid(trained_checkpoint, tmp_path):
+    out = tmp_path / "grid.png"
+    done = _cli("ucgm_fast.sample_cli", "--ckpt", trained_checkpoint, "--steps", "2", "--out", str(out),
+                "--num", "20", "--save-npz", str(tmp_path / "s.npz"))
+    assert done.returncode == 0, done.stderr
+    from PIL import Image
+    assert Image.open(out).size[0] > 64
+    import numpy as np
+    arrays = np.load(tmp_path / "s.npz")
+    assert arrays["samples"].shape == (20, 1, 8, 8) and np.isfinite(arrays["samples"]).all()
+
+
+def test_sample_cli_names_a_corrupted_checkpoint(trained_checkpoint, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(open(trained_checkpoint, "rb").read()[:1000])
+    done = _cli("ucgm_fast.sample_cli", "--ckpt", str(bad), "--steps", "2", "--out", str(tmp_path / "g.png"))
+    assert done.returncode == 2 and str(bad) in done.stderr and "truncated" in done.stderr
+
+
+@pytest.mark.slow
+def test_eval_cli_prints_fd_beside_the_floor(trained_checkpoint, tmp_path):
+    done = _cli("ucgm_fast.eval_cli", "--ckpt", trained_checkpoint, "--steps", "2", "--num", "100",
+                "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "r.json"))
+    assert done.returncode == 0, done.stderr
+    assert "FD" in done.stdout and "floor at N=100" in done.stdout and "MMD" in done.stdout
+    assert "class acc" in done.stdout and "nearest-train-neighbour" in done.stdout
+    r = json.load(open(tmp_path / "r.json"))
+    assert r["n"] == 100 and r["fd"] > 0 and r["fd_floor"] > 0 and r["steps"] == 2
