@@ -1,4 +1,6 @@
 """coefficients / interpolate / decode: fused kernels vs the float64 eager reference."""
+import zlib
+
 import pytest
 import torch
 
@@ -51,14 +53,14 @@ def check_op(op, a, b, t, transport, dtype):
     oracle = getattr(reference, op)(a.double(), b.double(), as64(t), transport)
     peer = getattr(reference, op)(a, b, t, transport)
     assert out[0].shape == a.shape and out[0].device == a.device
-    assert_close_to_oracle(out, oracle, peer, dtype)
+    assert_close_to_oracle(out, oracle, peer, dtype, (a, b))
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", ["interpolate", "decode"])
 def test_ops_match_reference(device, op, dtype, transport):
-    gen = torch.Generator().manual_seed(hash((op, str(dtype), transport)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{op}{dtype}{transport}".encode()))
     for batch, feat in SHAPES:
         forms = ["B"] if batch * feat[-1] > 10**5 else T_FORMS
         for noncontig in (False, True):

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Builds the CPU code with AddressSanitizer + UndefinedBehaviorSanitizer (UCGM_SANITIZE=ON, CUDA off)
+# in a throwaway virtualenv and runs the kernel tests (tests/test_*_ops.py: every compiled op, all
+# dtypes, awkward sizes, non-contiguous views) under it; arguments go to pytest instead. Python itself is not instrumented,
+# so the ASan runtime is preloaded; leak checking is off because CPython and torch keep allocations
+# alive at exit by design.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${SANITIZE_VENV:-$(mktemp -d)/venv}
+python3 -m venv --system-site-packages "$venv"
+"$venv/bin/python" -m pip install -q --no-build-isolation \
+  -Ccmake.define.UCGM_SANITIZE=ON -Ccmake.define.UCGM_ENABLE_CUDA=OFF -Cbuild-dir=build/sanitize .
+asan=$(gcc -print-file-name=libasan.so)
+ubsan=$(gcc -print-file-name=libubsan.so)
+export LD_PRELOAD="$asan:$ubsan"
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allow_user_segv_handler=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+"$venv/bin/python" -c "import ucgm_fast; assert ucgm_fast.build_info()['sanitize'], 'not a sanitized build'"
+tests=("$@")
+[ ${#tests[@]} -gt 0 ] || tests=(tests/test_*_ops.py)
+"$venv/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" "${tests[@]}"
