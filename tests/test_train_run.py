@@ -240,3 +240,12 @@ def test_eval_cli_prints_fd_beside_the_floor(trained_checkpoint, tmp_path):
     assert "class acc" in done.stdout and "nearest-train-neighbour" in done.stdout
     r = json.load(open(tmp_path / "r.json"))
     assert r["n"] == 100 and r["fd"] > 0 and r["fd_floor"] > 0 and r["steps"] == 2
+
+
+def test_resume_a_run_directory_without_its_config_file(tmp_path):
+    cfg = load_config(tiny_config(tmp_path), ["train.max_steps=3", "train.ckpt_every=3"])
+    train(cfg)
+    assert train_main(["--resume", cfg["output_dir"], "train.max_steps=5", "train.ckpt_every=5"]) == 0
+    assert ck.latest_checkpoint(os.path.join(cfg["output_dir"], "checkpoints")).endswith("0000005.pt")
+    rows = [json.loads(line)["step"] for line in open(os.path.join(cfg["output_dir"], "metrics.jsonl"))]
+    assert rows == [3, 5]

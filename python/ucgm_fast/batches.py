@@ -69,13 +69,18 @@ class Batches:
     its batches still chosen by the plan.
     """
 
-    def __init__(self, dataset, plan: BatchPlan, start: int = 0, num_workers: int = 0):
+    def __init__(self, dataset, plan: BatchPlan, start: int = 0, num_workers: int = 0, device=None,
+                 max_device_bytes: int = 2 << 30):
         self.plan, self.step = plan, start
         tensors = getattr(dataset, "tensors", None)
         if tensors is None and isinstance(getattr(dataset, "images", None), torch.Tensor):
             tensors = (dataset.images, dataset.labels)
         if tensors is not None and len(tensors) >= 2:
             self._x, self._y = tensors[0], tensors[1]
+            if device is not None and torch.device(device).type != "cpu" and \
+                    self._x.numel() * self._x.element_size() <= max_device_bytes:
+                # A small dataset lives on the accelerator: no host->device copy per step.
+                self._x, self._y = self._x.to(device), self._y.to(device)
             self._it = None
         else:
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=_IndexSampler(plan, start),
@@ -87,7 +92,7 @@ class Batches:
 
     def __next__(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._it is None:
-            idx = self.plan.indices(self.step)
+            idx = self.plan.indices(self.step).to(self._x.device, non_blocking=True)
             batch = self._x[idx], self._y[idx]
         else:
             x, y = next(self._it)[:2]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import yaml
 
@@ -315,15 +315,3 @@ def dump_config(cfg: Dict[str, Any]) -> str:
 def run_dir(cfg: Dict[str, Any]) -> str:
     """output_dir, or output_dir/exp_name when exp_name is set."""
     return os.path.join(cfg["output_dir"], cfg["exp_name"]) if cfg["exp_name"] else cfg["output_dir"]
-
-
-def config_diff_keys(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> List[str]:
-    """Dotted keys whose values differ between two configs."""
-    keys = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict) and key != "options":
-            keys += config_diff_keys(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            keys.append(f"{prefix}{key}")
-    return keys

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 import torch

@@ -16,18 +16,18 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
 from .batches import BatchPlan, Batches
-from .config import ConfigError, config_diff_keys, dump_config, latent_size, load_config, merge_config, run_dir
+from .config import (ConfigError, apply_overrides, dump_config, latent_size, load_config, merge_config, run_dir,
+                     validate_config)
 from .optim import EMA, clip_and_sanitize_grads, ema_init, make_optimizer
 from .plots import save_grid, save_loss_curve, to_display
 
@@ -363,7 +363,7 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
                           broadcast_buffers=not tcfg["no_buffer"])
 
     plan = BatchPlan(len(dataset), tcfg["global_batch_size"], seed=tcfg["global_seed"], rank=rank, world=world)
-    batches = Batches(dataset, plan, start=step, num_workers=cfg["data"]["num_workers"])
+    batches = Batches(dataset, plan, start=step, num_workers=cfg["data"]["num_workers"], device=device)
     ema_tail = EMA(ema, model)
     params = [p for p in model.parameters() if p.requires_grad]
     precision = tcfg["precision"]
@@ -520,11 +520,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if os.path.isdir(path):
                 ck = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
                 path = ckpt_io.latest_checkpoint(ck) or path
-            base = ckpt_io.load_checkpoint(path)["config"]
-            cfg = load_config(None, [])
-            cfg = merge_config(cfg, base)
-            from .config import apply_overrides, validate_config
-
+            cfg = merge_config(load_config(None, []), ckpt_io.load_checkpoint(path)["config"])
             cfg = apply_overrides(cfg, args.overrides)
             validate_config(cfg)
         elif args.config is None:
