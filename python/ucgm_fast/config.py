@@ -66,6 +66,7 @@ DEFAULTS: Dict[str, Any] = {
         "sample_every": 0,           # sample grid PNG every N steps (0: only at the end)
         "grid_size": 64,             # images in the sample grid
         "ema_decay": 0.9999,
+        "ema_warmup": False,         # decay min(ema_decay, (1 + step) / (10 + step)): short runs forget the init
         "precision": "auto",         # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
         "compile": False,            # torch.compile the model
         "zero_nonfinite_grads": True,  # replace nan/inf gradient entries by 0 (as published)

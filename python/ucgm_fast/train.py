@@ -418,7 +418,10 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
         clip_and_sanitize_grads(params, cfg["optimizer"]["max_grad_norm"], tcfg["zero_nonfinite_grads"])
         opt.step()
         objective.update_target(train_model)  # the target network's EMA step (no-op for D = 0 or 1)
-        ema_tail.update(tcfg["ema_decay"])
+        decay = tcfg["ema_decay"]
+        if tcfg["ema_warmup"]:
+            decay = min(decay, (1.0 + step) / (10.0 + step))
+        ema_tail.update(decay)
         step += 1
         loss_sum += loss.detach().float()
         n_loss += 1
