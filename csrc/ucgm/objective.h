@@ -75,44 +75,42 @@ UCGM_HD C fd_inv_step(C t, C lambda, C eps) {
   return lambda == C(1) ? C(1) / (C(2) * eps) : C(1) / (t - lambda * t);
 }
 
-// Per-row constants of fd_target: the transport at t, r_a and r_b, and the target's scale
-// alpha_in(t) / den(t) * 4 / sin(1.57 t).
-template <typename C> struct FdRow {
-  Coeffs<C> ka, kb;
-  C inv_den_a, inv_den_b, inv_step, scale;
-};
+// f(r) = (F_r alpha_in(r) - x'_r alpha_to(r)) / den(r) with x'_r = alpha_in(r) z + gamma_in(r) x is
+// linear in (F_r, z, x): f(r) = p F_r + q z + s x, with p = ai / den, q = -ai at / den, s = -gi at / den.
+template <typename C> struct FdLinear { C p, q, s; };
 
 template <typename C>
-UCGM_HD C inv_den(const Coeffs<C>& k) { return C(1) / (k.alpha_in * k.gamma_to - k.gamma_in * k.alpha_to); }
+UCGM_HD FdLinear<C> fd_linear(const Coeffs<C>& k) {
+  const C inv = C(1) / (k.alpha_in * k.gamma_to - k.gamma_in * k.alpha_to);
+  return {k.alpha_in * inv, -k.alpha_in * k.alpha_to * inv, -k.gamma_in * k.alpha_to * inv};
+}
+
+// Per-row constants of fd_target: df = (p_a F_a - p_b F_b + dq z + ds x) / (r_a - r_b), so each
+// element costs four multiply-adds; and the target's scale alpha_in(t) / den(t) * 4 / sin(1.57 t).
+// Folding (q_a - q_b) per row also avoids the cancellation of two O(1) values f(r_a) - f(r_b).
+template <typename C> struct FdRow { C pa, pb, dq, ds, inv_step, scale; };
 
 template <typename C>
 UCGM_HD FdRow<C> fd_row(int transport, C t, C lambda, C eps) {
-  FdRow<C> r;
-  r.ka = coefficients<C>(transport, fd_time<C>(0, t, lambda, eps));
-  r.kb = coefficients<C>(transport, fd_time<C>(1, t, lambda, eps));
-  r.inv_den_a = inv_den(r.ka);
-  r.inv_den_b = inv_den(r.kb);
-  r.inv_step = fd_inv_step<C>(t, lambda, eps);
+  const FdLinear<C> a = fd_linear(coefficients<C>(transport, fd_time<C>(0, t, lambda, eps)));
+  const FdLinear<C> b = fd_linear(coefficients<C>(transport, fd_time<C>(1, t, lambda, eps)));
   const Coeffs<C> kt = coefficients<C>(transport, t);
-  r.scale = kt.alpha_in * inv_den(kt) * (C(4) / usin(t * C(1.57)));
-  return r;
+  const C scale = kt.alpha_in / (kt.alpha_in * kt.gamma_to - kt.gamma_in * kt.alpha_to) * (C(4) / usin(t * C(1.57)));
+  return {a.p, b.p, a.q - b.q, a.s - b.s, fd_inv_step<C>(t, lambda, eps), scale};
 }
 
-// f(r) = (F_r alpha_in(r) - x'_r alpha_to(r)) / den(r), x'_r = alpha_in(r) z + gamma_in(r) x.
+// clamp to [-1, 1] that keeps NaN (as torch.clamp does; fmin/fmax would drop it). Written as
+// (c > v ? c : v): the operand order of x86 MAXPS/MINPS, so the CPU loop vectorizes branch-free.
 template <typename C>
-UCGM_HD C fd_f(const Coeffs<C>& k, C inv_den_r, C F_r, C x, C z) {
-  const C x_r = k.alpha_in * z + k.gamma_in * x;
-  return (F_r * k.alpha_in - x_r * k.alpha_to) * inv_den_r;
+UCGM_HD C clamp_unit(C v) {
+  v = C(-1) > v ? C(-1) : v;
+  return C(1) < v ? C(1) : v;
 }
-
-// clamp to [-1, 1] that keeps NaN (as torch.clamp does; fmin/fmax would drop it).
-template <typename C>
-UCGM_HD C clamp_unit(C v) { return v < C(-1) ? C(-1) : (v > C(1) ? C(1) : v); }
 
 // target = F_t - scale * clamp((f(r_a) - f(r_b)) / (r_a - r_b), -1, 1).
 template <typename C>
 UCGM_HD C fd_target_element(const FdRow<C>& r, C F_t, C F_a, C F_b, C x, C z) {
-  const C df = (fd_f(r.ka, r.inv_den_a, F_a, x, z) - fd_f(r.kb, r.inv_den_b, F_b, x, z)) * r.inv_step;
+  const C df = (r.pa * F_a - r.pb * F_b + r.dq * z + r.ds * x) * r.inv_step;
   return F_t - r.scale * clamp_unit(df);
 }
 

@@ -113,6 +113,11 @@ class UCGM:
     shaped like x (its dtype, or float16/bfloat16 for float32 x under autocast). It should be
     deterministic: the published code replays the CUDA RNG state before every pass, which would
     synchronize with the host; ucgm_fast does not.
+
+    For 0 < lambda < 1, f(t) uses the online output F_t already computed at the original x_t
+    together with the enhanced x'_t (as the published code does, and as its checkpoints were
+    trained); only f(lambda t) costs a model pass. With D = 0 and lambda > 0 the enhanced target's
+    "with" prediction is F_t itself (the same model at the same input), saving a pass.
     """
 
     def __init__(self, transport="Linear", consistency_ratio=0.0, enhanced_ratio=0.0, enhanced_range=(0.0, 0.75),

@@ -259,7 +259,8 @@ def _check_model_output(op: str, name: str, F, like: torch.Tensor, like_name: st
 
 
 def _ratio(op: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # abs(v) < inf rather than math.isfinite: the latter is not traceable by torch.compile.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < math.inf:
         raise TypeError(f"{op}: {name} must be a finite float, got {value!r}")
     return float(value)
 

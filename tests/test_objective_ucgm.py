@@ -1,0 +1,500 @@
+"""UCGM.loss vs the eager step-by-step reference (ucgm_fast.reference.training_loss), the target
+network, configuration, bad input, and (with a GPU) no host sync + CUDA graph capture.
+
+Equivalence tolerances (max |fused - oracle| / max |oracle| over the loss and every parameter
+gradient of a small deterministic model; the oracle is the reference run in float64 with a float64
+copy of the model, on the same t, z):
+
+    ============  ==============  ==================================================
+    run dtype     lambda          bound
+    ============  ==============  ==================================================
+    float64       any             1e-9   (same formulas; only the rounding order differs)
+    float32       0               2e-5
+    float32       0.5             1e-4   (f(t) - f(lambda t) divided by (1 - lambda) t)
+    float32       1               5e-4   (central difference: rounding divided by 2 eps = 0.01)
+    ============  ==============  ==================================================
+
+The float32 bounds are ~5-10x the error of the float32 eager reference itself, measured on the same
+matrix (2e-6 / 7e-6 / 6e-5 max).
+"""
+import copy
+import itertools
+import sys
+import types
+
+import pytest
+import torch
+
+import ucgm_fast
+from ucgm_fast import reference
+
+F32_BOUND = {0.0: 2e-5, 0.5: 1e-4, 1.0: 5e-4}
+
+
+class TinyModel(torch.nn.Module):
+    """A small smooth conditional model: conv + class and time embeddings, model(x, t, y)."""
+
+    def __init__(self, channels=3, num_classes=5):
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.label = torch.nn.Embedding(num_classes + 1, channels)
+        self.time = torch.nn.Linear(1, channels)
+
+    def forward(self, x, t, y):
+        cond = self.label(y) + self.time(t[:, None].to(x.dtype))
+        return torch.tanh(self.conv(x) + cond[:, :, None, None]) * 2 + 0.1 * x
+
+
+def make_models(seed=0):
+    torch.manual_seed(seed)
+    m64 = TinyModel().double()
+    tgt64 = copy.deepcopy(m64)
+    with torch.no_grad():  # a target network that differs from the model
+        for p in tgt64.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m64, tgt64
+
+
+def make_batch(B=8, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 3, 4, 4, generator=gen, dtype=torch.float64)
+    z = torch.randn(B, 3, 4, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (B,), generator=gen)
+    t = torch.rand(B, generator=gen, dtype=torch.float64) * 0.8 + 0.1
+    return x, z, y, t
+
+
+def use_target(ucgm, target):
+    """Gives ucgm an explicit target network (as if created earlier) for the enhanced target."""
+    ucgm.target, ucgm._target_call = target, target
+
+
+def loss_and_grads(loss, model):
+    return [loss.detach()] + list(torch.autograd.grad(loss, list(model.parameters())))
+
+
+def max_rel_err(outs, refs):
+    return max(float((o.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)) for o, r in zip(outs, refs))
+
+
+M64, T64 = make_models()
+M32, T32 = copy.deepcopy(M64).float(), copy.deepcopy(T64).float()
+BATCH = make_batch()
+
+
+@pytest.mark.parametrize("transport", ucgm_fast.TRANSPORTS)
+@pytest.mark.parametrize("enhanced", [0.0, 1.5])
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_loss_matches_reference(lam, enhanced, transport):
+    """The equivalence matrix: every (huber_eps, cosine, time weighting) for this (lambda, e, transport)."""
+    x, z, y, t = BATCH
+    for h, cosine, tw in itertools.product((0.0, 5.0), (False, True), (None, "cosine")):
+        kw = dict(transport=transport, consistency_ratio=lam, enhanced_ratio=enhanced, enhanced_range=(0.1, 0.6),
+                  label_drop_ratio=0.25, huber_eps=h, cosine_loss=cosine, time_weighting=tw)
+        oracle = loss_and_grads(reference.training_loss(M64, x, y, t, z, target_model=T64, **kw), M64)
+        for model, target, dtype, bound in ((M64, T64, torch.float64, 1e-9), (M32, T32, torch.float32, F32_BOUND[lam])):
+            ucgm = ucgm_fast.UCGM(**kw, target_ema_decay=0.5)
+            use_target(ucgm, target)
+            loss = ucgm.loss(model, x.to(dtype), y, t=t.to(dtype), z=z.to(dtype))
+            assert loss.dtype == dtype and loss.shape == ()
+            err = max_rel_err(loss_and_grads(loss, model), oracle)
+            assert err <= bound, f"{dtype} h={h} cosine={cosine} tw={tw}: error {err:.3g} > {bound:.3g}"
+
+
+def test_reference_follows_published_formulas():
+    """The oracle itself, on one case worked out from DESIGN.md by hand (Linear, lambda = 1, no enhancement)."""
+    x, z, y, t = BATCH
+    B, eps = x.shape[0], 0.005
+    c = y.clone()
+    c[B - 2:] = M64.num_classes
+    tb = t[:, None, None, None]
+    F_t = M64(tb * z + (1 - tb) * x, t, c)
+
+    def f(r):
+        x_r = r * z + (1 - r) * x
+        return x_r - r * M64(x_r, r.flatten(), c)  # Linear: den = -1, f = (F r - x_r) / (-1)
+
+    with torch.no_grad():
+        df = ((f(tb + eps) - f(tb - eps)) / (2 * eps)).clamp(-1, 1)
+        target = F_t - (tb / -1 * 4 / torch.sin(1.57 * tb)) * df
+    want = (torch.sqrt(((F_t - target) ** 2).mean(dim=(1, 2, 3)) + 25) - 5).mean()
+    got = reference.training_loss(M64, x, y, t, z, transport="Linear", consistency_ratio=1.0, label_drop_ratio=0.25,
+                                  huber_eps=5.0)
+    assert torch.allclose(got, want, rtol=1e-12)
+    fused = ucgm_fast.UCGM("Linear", 1.0, label_drop_ratio=0.25, huber_eps=5.0).loss(M64, x, y, t=t, z=z)
+    assert torch.allclose(fused, want, rtol=1e-10)
+
+
+def test_batched_and_separate_fd_passes_agree():
+    x, z, y, t = BATCH
+    kw = dict(transport="TrigFlow", consistency_ratio=1.0, enhanced_ratio=2.0, label_drop_ratio=0.25, huber_eps=5.0)
+    calls = []
+    model = TinyModel().double()
+    model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    losses = []
+    for batched in (True, False):
+        ucgm = ucgm_fast.UCGM(**kw, target_ema_decay=1.0, batch_fd_passes=batched)
+        losses.append(ucgm.loss(model, x, y, t=t, z=z))
+    # F_t, the target-network pass (the copy keeps the hook), then one 2B pass / two passes of B
+    assert calls == [8, 8, 16, 8, 8, 8, 8]
+    assert torch.allclose(losses[0], losses[1], rtol=1e-12)
+
+
+def test_online_target_reuses_the_forward():
+    """D = 0, lambda > 0: the target network is the model at the same input, so F_t is reused."""
+    x, z, y, t = BATCH
+    calls = []
+    model = TinyModel().double()
+    model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    kw = dict(transport="Linear", consistency_ratio=1.0, enhanced_ratio=2.0, label_drop_ratio=0.25)
+    loss = ucgm_fast.UCGM(**kw, target_ema_decay=0.0).loss(model, x, y, t=t, z=z)
+    assert calls == [8, 16]
+    ref = reference.training_loss(model, x, y, t, z, target_model=model, **kw)
+    assert torch.allclose(loss, ref, rtol=1e-10)
+    # lambda = 0 with D = 0: the null-label pass goes through the online model itself.
+    kw["consistency_ratio"] = 0.0
+    ucgm = ucgm_fast.UCGM(**kw, target_ema_decay=0.0)
+    assert torch.allclose(ucgm.loss(model, x, y, t=t, z=z),
+                          reference.training_loss(model, x, y, t, z, target_model=model, **kw), rtol=1e-10)
+    assert ucgm.target is None
+
+
+def test_16bit_model_outputs():
+    """A model returning bfloat16 for float32 data (autocast): targets and loss computed in float32."""
+    x, z, y, t = (v.float() if v.is_floating_point() else v for v in BATCH)
+    model = copy.deepcopy(M32)
+
+    class Bf16(torch.nn.Module):
+        num_classes = 5
+
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x_t, r, labels):
+            return self.inner(x_t, r, labels).bfloat16()
+
+    wrapped = Bf16()
+    for lam in (0.0, 1.0):
+        kw = dict(transport="Linear", consistency_ratio=lam, enhanced_ratio=1.5, label_drop_ratio=0.25)
+        ucgm = ucgm_fast.UCGM(**kw, target_ema_decay=0.0)
+        loss = ucgm.loss(wrapped, x, y, t=t, z=z)
+        assert loss.dtype == torch.float32
+        ref = reference.training_loss(wrapped, x, y, t, z, target_model=wrapped, **kw)
+        assert torch.allclose(loss, ref, rtol=2e-3), (float(loss), float(ref))
+        g = torch.autograd.grad(loss, list(model.parameters()))
+        g_ref = torch.autograd.grad(reference.training_loss(wrapped, x, y, t, z, target_model=wrapped, **kw),
+                                    list(model.parameters()))
+        assert max_rel_err(g, [r.double() for r in g_ref]) < 2e-2
+
+
+def test_inputs_not_modified_and_random_draws():
+    x, z, y, t = BATCH
+    saved = [v.clone() for v in (x, z, y, t)]
+    ucgm = ucgm_fast.UCGM("Linear", 1.0, 2.0, label_drop_ratio=0.25, target_ema_decay=1.0)
+    ucgm.loss(M64, x, y, t=t, z=z)
+    assert all(torch.equal(a, b) for a, b in zip(saved, (x, z, y, t)))  # the published step edits x, z, y in place
+    torch.manual_seed(3)
+    a = ucgm.loss(M64, x, y)
+    torch.manual_seed(3)
+    b = ucgm.loss(M64, x, y)
+    assert torch.equal(a, b) and torch.isfinite(a)
+
+
+def test_time_distribution():
+    ucgm = ucgm_fast.UCGM(time_dist=(0.8, 1.0, 1.0))
+    torch.manual_seed(0)
+    t = ucgm.sample_time(50000, "cpu")
+    assert t.shape == (50000,) and t.dtype == torch.float32
+    assert abs(float(t.mean()) - 0.8 / 1.8) < 0.005 and abs(float(t.var()) - 0.8 / (1.8 ** 2 * 2.8)) < 0.003 and float(t.min()) >= 0 and float(t.max()) <= 1
+    t = ucgm_fast.UCGM(time_dist=(2.4, 2.4, 1.3)).sample_time(50000, "cpu")
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert abs(float((t == 1).float().mean()) - scipy_stats.beta.sf(1 / 1.3, 2.4, 2.4)) < 0.005  # clamped to 1
+    assert abs(float(t.mean()) - scipy_stats.beta.expect(lambda v: min(1.3 * v, 1.0), (2.4, 2.4))) < 0.005
+
+
+# ---------------------------------------------------------------------------------------------
+# Target network
+# ---------------------------------------------------------------------------------------------
+
+def ema_setup(D):
+    model = TinyModel().double()
+    ucgm = ucgm_fast.UCGM("Linear", 0.0, 0.5, label_drop_ratio=0.25, target_ema_decay=D)
+    return model, ucgm
+
+
+def perturb(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+
+def test_ema_target_follows_published_sequence():
+    x, z, y, t = BATCH
+    D = 0.9
+    model, ucgm = ema_setup(D)
+    ucgm.loss(model, x, y, t=t, z=z)  # creates the copy: the published first update (decay 0)
+    expected = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(ucgm.target.parameters(), expected))
+    d = 0.0 + (1 - 0.0) * (D - 0.0) / 2
+    for step in range(3):
+        perturb(model, step)  # an optimizer step
+        ucgm.update_target(model)
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters())]
+        d = d + (1 - d) * (D - d) / 2
+        assert ucgm.target_decay == pytest.approx(d)
+        for a, b in zip(ucgm.target.parameters(), expected):
+            assert torch.allclose(a, b, rtol=1e-12)
+    assert ucgm.target_updates == 4
+    assert not any(p.requires_grad for p in ucgm.target.parameters())
+
+
+def test_frozen_and_online_targets():
+    x, z, y, t = BATCH
+    model, ucgm = ema_setup(1.0)
+    ucgm.loss(model, x, y, t=t, z=z)
+    frozen = [p.clone() for p in ucgm.target.parameters()]
+    perturb(model, 0)
+    ucgm.update_target(model)
+    assert all(torch.equal(a, b) for a, b in zip(ucgm.target.parameters(), frozen))
+    model, ucgm = ema_setup(0.0)
+    ucgm.loss(model, x, y, t=t, z=z)
+    ucgm.update_target(model)
+    assert ucgm.target is None and ucgm.target_network(model) is model
+    # no enhancement: no target network at all
+    ucgm = ucgm_fast.UCGM("Linear", 1.0, 0.0, label_drop_ratio=0.25, target_ema_decay=0.5)
+    ucgm.loss(model, x, y, t=t, z=z)
+    ucgm.update_target(model)
+    assert ucgm.target is None
+
+
+def test_state_dict_resumes_the_target():
+    x, z, y, t = BATCH
+    model, ucgm = ema_setup(0.9)
+    ucgm.loss(model, x, y, t=t, z=z)
+    for step in range(2):
+        perturb(model, step)
+        ucgm.update_target(model)
+    state = ucgm.state_dict()
+    assert state["target_updates"] == 3 and any(k.startswith("mod.") for k in state)
+    # A fresh object, created before any loss: the target is loaded when it is created.
+    resumed = ucgm_fast.UCGM("Linear", 0.0, 0.5, label_drop_ratio=0.25, target_ema_decay=0.9)
+    resumed.load_state_dict(state)
+    assert resumed.target_decay == ucgm.target_decay
+    assert torch.equal(resumed.loss(model, x, y, t=t, z=z), ucgm.loss(model, x, y, t=t, z=z))
+    for a, b in zip(resumed.target.parameters(), ucgm.target.parameters()):
+        assert torch.equal(a, b)
+    perturb(model, 7)
+    ucgm.update_target(model)
+    resumed.update_target(model)
+    for a, b in zip(resumed.target.parameters(), ucgm.target.parameters()):
+        assert torch.equal(a, b)
+    # Published "unigen" checkpoints: mod.module.<name> keys, no decay entries.
+    published = {"mod.module." + k: v.clone() for k, v in ucgm.target.state_dict().items()}
+    other = ucgm_fast.UCGM("Linear", 0.0, 0.5, label_drop_ratio=0.25, target_ema_decay=0.9)
+    other.loss(model, x, y, t=t, z=z)
+    other.load_state_dict(published)
+    for a, b in zip(other.target.parameters(), ucgm.target.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="unexpected key"):
+        other.load_state_dict({"bogus": 1})
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration, sampling, bad input
+# ---------------------------------------------------------------------------------------------
+
+PUBLISHED_FEW_STEP = {  # transport: section of configs/training_few_steps/in1k256_tit_xl_sdvae.yaml
+    "type": "Linear", "lab_drop_ratio": 0.1, "consistc_ratio": 1.0, "enhanced_ratio": 2.0, "scaled_cbl_eps": 5.0,
+    "ema_decay_rate": 1.0, "enhanced_range": [0.0, 0.75], "time_dist_ctrl": [0.8, 1.0, 1.0],
+    "weight_funcion": "Cosine", "wt_cosine_loss": False,
+}
+
+
+def test_from_config():
+    for d in (PUBLISHED_FEW_STEP, {"transport": PUBLISHED_FEW_STEP, "model": {}}):
+        u = ucgm_fast.UCGM.from_config(d)
+        assert (u.transport.name, u.consistency_ratio, u.enhanced_ratio, u.label_drop_ratio, u.huber_eps) == \
+            ("Linear", 1.0, 2.0, 0.1, 5.0)
+        assert (u.target_ema_decay, u.enhanced_range, u.time_dist, u.time_weighting, u.cosine_loss) == \
+            (1.0, (0.0, 0.75), (0.8, 1.0, 1.0), "cosine", False)
+    multi = dict(PUBLISHED_FEW_STEP, consistc_ratio=0.0, enhanced_ratio=2.0, weight_funcion=None, wt_cosine_loss=True)
+    u = ucgm_fast.UCGM.from_config(multi)
+    assert u._ratio == pytest.approx(0.5) and u.time_weighting is None and u.cosine_loss  # (e - 1)/e at lambda = 0
+    u = ucgm_fast.UCGM.from_config({"transport": "EDM", "consistency_ratio": 0.5, "fd_eps": 0.01})
+    assert u.transport.name == "EDM" and u.fd_eps == 0.01
+    with pytest.raises(ValueError, match="unknown key 'consistc'"):
+        ucgm_fast.UCGM.from_config({"consistc": 1.0})
+    with pytest.raises(ValueError, match="given twice"):
+        ucgm_fast.UCGM.from_config({"type": "Linear", "transport": "EDM"})
+
+
+def test_sample_delegates_to_sampler(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("ucgm_fast.sampler")
+
+    def sample(model, noise, **kwargs):
+        seen.update(model=model, noise=noise, **kwargs)
+        return noise * 2
+
+    fake.sample = sample
+    monkeypatch.setitem(sys.modules, "ucgm_fast.sampler", fake)
+    monkeypatch.setattr(ucgm_fast, "sampler", fake, raising=False)
+    noise = torch.randn(2, 3, 4, 4)
+    out = ucgm_fast.UCGM("TrigFlow").sample(M32, noise, steps=2, y=torch.zeros(2, dtype=torch.long))
+    assert torch.equal(out, noise * 2)
+    assert seen["transport"] == "TrigFlow" and seen["steps"] == 2 and seen["model"] is M32
+    ucgm_fast.UCGM("TrigFlow").sample(M32, noise, transport="Linear")
+    assert seen["transport"] == "Linear"
+
+
+class TestBadInput:
+    def test_constructor(self):
+        for kwargs, match in [
+            (dict(consistency_ratio=1.5), "consistency_ratio must be in"),
+            (dict(consistency_ratio=-0.1), "consistency_ratio must be in"),
+            (dict(enhanced_range=(0.75, 0.0)), "enhanced_range must be increasing"),
+            (dict(enhanced_range=(0.5, 0.5)), "enhanced_range must be increasing"),
+            (dict(enhanced_range=(-0.1, 0.5)), "within"),
+            (dict(enhanced_range=(0.0, 1.2)), "within"),
+            (dict(enhanced_range=(0.1,)), "two numbers"),
+            (dict(fd_eps=0.0), "fd_eps must be > 0"),
+            (dict(fd_eps=-1e-3), "fd_eps must be > 0"),
+            (dict(huber_eps=-1.0), "huber_eps"),
+            (dict(label_drop_ratio=1.0), "label_drop_ratio"),
+            (dict(target_ema_decay=1.5), "target_ema_decay"),
+            (dict(time_dist=(0.0, 1.0, 1.0)), "time_dist"),
+            (dict(time_weighting="linear"), "time_weighting"),
+            (dict(transport="Cosine"), "valid names"),
+        ]:
+            with pytest.raises(ValueError, match=match):
+                ucgm_fast.UCGM(**kwargs)
+        with pytest.raises(TypeError, match="consistency_ratio must be a finite number"):
+            ucgm_fast.UCGM(consistency_ratio="1")
+
+    def test_loss(self):
+        x, z, y, t = BATCH
+        ucgm = ucgm_fast.UCGM("Linear", 1.0, label_drop_ratio=0.25)
+
+        class WrongShape(torch.nn.Module):
+            num_classes = 5
+
+            def forward(self, x_t, r, labels):
+                return x_t[:, :2]
+
+        with pytest.raises(ValueError, match=r"model output has shape \(8, 2, 4, 4\) but x has shape \(8, 3, 4, 4\)"):
+            ucgm.loss(WrongShape(), x, y, t=t, z=z)
+        with pytest.raises(ValueError, match="too small for label_drop_ratio=0.25"):
+            ucgm.loss(M64, x[:1], y[:1], t=t[:1], z=z[:1])  # round(0.25) = 0: the published code drops all
+        with pytest.raises(ValueError, match="y has shape"):
+            ucgm.loss(M64, x, y[:3], t=t, z=z)
+        with pytest.raises(TypeError, match="integer tensor"):
+            ucgm.loss(M64, x, y.double(), t=t, z=z)
+        with pytest.raises(ValueError, match="z has shape"):
+            ucgm.loss(M64, x, y, t=t, z=z[:, :2])
+        with pytest.raises(ValueError, match="t has shape"):
+            ucgm.loss(M64, x, y, t=t[:3], z=z)
+
+        class NoClasses(torch.nn.Module):
+            def forward(self, x_t, r, labels):
+                return x_t
+
+        with pytest.raises(ValueError, match="no num_classes"):
+            ucgm.loss(NoClasses(), x, y, t=t, z=z)
+        # label_drop_ratio = 0 needs no null class and accepts any batch.
+        ok = ucgm_fast.UCGM("Linear", 1.0, label_drop_ratio=0.0).loss(NoClasses(), x[:1], y[:1], t=t[:1], z=z[:1])
+        assert torch.isfinite(ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: no host synchronization, CUDA graph capture
+# ---------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def cuda_setup(lam, enhanced):
+    model = TinyModel().cuda()
+    ucgm = ucgm_fast.UCGM("Linear", lam, enhanced, label_drop_ratio=0.25, huber_eps=5.0, cosine_loss=True,
+                          time_weighting="cosine", time_dist=(0.8, 1.0, 1.0), target_ema_decay=0.9)
+    x = torch.randn(8, 3, 4, 4, device="cuda")
+    y = torch.randint(0, 5, (8,), device="cuda")
+    return model, ucgm, x, y
+
+
+@cuda
+@pytest.mark.parametrize("lam,enhanced", [(0.0, 0.0), (0.0, 1.5), (0.5, 2.0), (1.0, 2.0)])
+def test_cuda_step_without_host_sync(lam, enhanced):
+    model, ucgm, x, y = cuda_setup(lam, enhanced)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ucgm.loss(model, x, y).backward()  # creates the target network (a copy, allowed to sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            loss = ucgm.loss(model, x, y)  # t and z sampled on the device
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ucgm.update_target(model)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)
+
+
+@cuda
+@pytest.mark.parametrize("lam,enhanced", [(0.0, 1.5), (1.0, 2.0)])
+def test_cuda_graph_capture_of_the_loss(lam, enhanced):
+    model, ucgm, x, y = cuda_setup(lam, enhanced)
+    t = torch.rand(8, device="cuda") * 0.8 + 0.1
+    z = torch.randn_like(x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: creates the target network and the autograd state
+        for _ in range(2):
+            ucgm.loss(model, x, y, t=t, z=z).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    for p in model.parameters():
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = ucgm.loss(model, x, y, t=t, z=z)
+        static_loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = ucgm.loss(model, x, y, t=t, z=z)
+    assert torch.allclose(static_loss, eager, rtol=1e-5)
+    # New inputs copied into the captured buffers give the eager loss of those inputs.
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.allclose(static_loss, ucgm.loss(model, x, y, t=t, z=z), rtol=1e-5)
+
+
+def test_loss_compiles_fullgraph():
+    """The whole loss (model calls included) traces as one graph: nothing in it breaks torch.compile."""
+    torch._dynamo.reset()
+    x, z, y, t = (v.float() if v.is_floating_point() else v for v in BATCH)
+    model = copy.deepcopy(M32)
+    ucgm = ucgm_fast.UCGM("TrigFlow", 1.0, 2.0, label_drop_ratio=0.25, huber_eps=5.0, cosine_loss=True,
+                          time_weighting="cosine", target_ema_decay=0.9)
+    eager = ucgm.loss(model, x, y, t=t, z=z)  # creates the EMA copy outside the compiled region
+    compiled = torch.compile(lambda x, y, t, z: ucgm.loss(model, x, y, t=t, z=z), fullgraph=True)
+    loss = compiled(x, y, t, z)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref = torch.autograd.grad(eager, list(model.parameters()))
+    assert torch.allclose(loss, eager, rtol=1e-5)
+    assert max_rel_err(grads, [r.double() for r in ref]) < 1e-4
+
+
+@pytest.mark.slow
+def test_loss_with_sampled_times_compiles_fullgraph():
+    """t ~ Beta(a, b) c and z ~ N(0, I) drawn inside the compiled graph too (lambda = 0, EMA target)."""
+    torch._dynamo.reset()
+    x, _, y, _ = (v.float() if v.is_floating_point() else v for v in BATCH)
+    model = copy.deepcopy(M32)
+    ucgm = ucgm_fast.UCGM("Linear", 0.0, 1.5, label_drop_ratio=0.25, cosine_loss=True, target_ema_decay=0.9)
+    ucgm.loss(model, x, y)
+    loss = torch.compile(lambda x, y: ucgm.loss(model, x, y), fullgraph=True)(x, y)
+    assert loss.shape == () and torch.isfinite(loss)
