@@ -86,12 +86,14 @@ inline uint32_t float_to_bits(float f) { return ucgm::float_bits(f); }
 // f = m - 1 (exact), atanh by its odd series to s^9 (|s| <= 0.172: truncation below 1e-9).
 UCGM_HD float noise_log(float u) {
   const uint32_t b = rn::float_to_bits(u);
-  int e = static_cast<int>(b >> 23) - 127;
-  float m = rn::bits_to_float((b & 0x007fffffu) | 0x3f800000u);
-  if (m > 1.41421356f) {
-    m = rn::mul(m, 0.5f);
-    e += 1;
-  }
+  const float m0 = rn::bits_to_float((b & 0x007fffffu) | 0x3f800000u);
+  // Selects, not branches: this vectorizes on the CPU and does not diverge on the GPU.
+  // m0 > sqrt(2) compared on the bits (0x3fb504f3 = 1.41421356f; both positive): a float compare
+  // may trap, which stops GCC from turning the selects below into vector blends.
+  const bool big = ((b & 0x007fffffu) | 0x3f800000u) > 0x3fb504f3u;
+  const float m0_half = rn::mul(m0, 0.5f);
+  const float m = big ? m0_half : m0;
+  const int e = static_cast<int>(b >> 23) - 127 + static_cast<int>(big);
   const float f = rn::sub(m, 1.0f);
   const float s = rn::div(f, rn::add(2.0f, f));
   const float s2 = rn::mul(s, s);
@@ -118,18 +120,22 @@ UCGM_HD void noise_sincos(uint32_t k, float* s_out, float* c_out) {
   pc = rn::add(4.16666679e-2f, rn::mul(a2, pc));
   pc = rn::add(-0.5f, rn::mul(a2, pc));
   const float cs = rn::add(1.0f, rn::mul(a2, pc));
-  switch (q & 3u) {
-    case 0: *s_out = sn; *c_out = cs; break;
-    case 1: *s_out = cs; *c_out = -sn; break;
-    case 2: *s_out = -sn; *c_out = -cs; break;
-    default: *s_out = -cs; *c_out = sn; break;
-  }
+  // sin(a + q pi/2), cos(a + q pi/2) by selects: odd q swaps the pair; sin flips sign for
+  // q = 2, 3, cos for q = 1, 2.
+  const float s1 = (q & 1u) ? cs : sn, c1 = (q & 1u) ? sn : cs;
+  *s_out = (q & 2u) ? -s1 : s1;
+  *c_out = ((q + 1u) & 2u) ? -c1 : c1;
+}
+
+// The squared Box-Muller radius -2 ln u of a raw word, u = (24 high bits + 1) / 2^24 in (0, 1].
+UCGM_HD float box_muller_r2(uint32_t w_r) {
+  const float u = rn::mul(static_cast<float>((w_r >> 8) + 1u), 0x1p-24f);  // exact
+  return rn::mul(-2.0f, noise_log(u));
 }
 
 // Box-Muller on two raw words: radius from w_r, angle from w_a (24 bits of each).
 UCGM_HD void box_muller(uint32_t w_r, uint32_t w_a, float* n0, float* n1) {
-  const float u = rn::mul(static_cast<float>((w_r >> 8) + 1u), 0x1p-24f);  // (0, 1], exact
-  const float rad = rn::sqrt(rn::mul(-2.0f, noise_log(u)));
+  const float rad = rn::sqrt(box_muller_r2(w_r));
   float s, c;
   noise_sincos(w_a >> 8, &s, &c);
   *n0 = rn::mul(rad, c);

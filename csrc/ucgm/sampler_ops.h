@@ -2,7 +2,8 @@
 // stream. Every tensor is contiguous with n elements. The state (x, x_prev, z_prev and every output)
 // is float32 or float64 (state_dtype); the model output F may be any float dtype (model_dtype). All
 // arithmetic is float64. sched points at one float64 schedule row {t, t', kappa, e} (sampler.h,
-// SchedField); seed at one int64. Outputs passed as null are not written.
+// SchedField); seed at one int64. Outputs passed as null are not written (x_hat and z_hat: both
+// or neither).
 // Each returns 0 on success, a ucgm::Status or (CUDA) a cudaError_t value otherwise.
 #pragma once
 

@@ -42,7 +42,8 @@ def _empty0(like: torch.Tensor) -> torch.Tensor:
 # Kernels behind the ops (raw: no validation beyond what keeps the kernel in bounds)
 # ---------------------------------------------------------------------------------------------
 
-def _step_impl(F, x, x_prev, z_prev, sched, seed, step: int, transport: int, mode: int, hats: bool):
+def _step_impl(F, x, x_prev, z_prev, sched, seed, step: int, transport: int, extrapol_mode: int, hats: bool):
+    mode = extrapol_mode
     F, x = _flat(F), _flat(x)
     x_next = torch.empty_like(x, memory_format=torch.contiguous_format)
     x_hat = torch.empty_like(x_next) if hats else _empty0(x)
@@ -102,12 +103,12 @@ def _philox_impl(seed, step: int, numel: int, raw: bool):
 torch.library.define(
     f"{_NS}::sampler_step",
     "(Tensor F, Tensor x, Tensor(a!) x_prev, Tensor(b!) z_prev, Tensor sched, Tensor seed, int step, int transport, "
-    "int mode, bool hats) -> (Tensor, Tensor, Tensor)")
+    "int extrapol_mode, bool hats) -> (Tensor, Tensor, Tensor)")
 torch.library.impl(f"{_NS}::sampler_step", ("CPU", "CUDA"), _step_impl)
 
 
 @torch.library.register_fake(f"{_NS}::sampler_step")
-def _step_fake(F, x, x_prev, z_prev, sched, seed, step, transport, mode, hats):
+def _step_fake(F, x, x_prev, z_prev, sched, seed, step, transport, extrapol_mode, hats):
     x_next = torch.empty_like(x, memory_format=torch.contiguous_format)
     if hats:
         return x_next, torch.empty_like(x_next), torch.empty_like(x_next)

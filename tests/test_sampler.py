@@ -1,0 +1,284 @@
+"""ucgm_fast.sample: the fused sampler vs a float64 reference loop of the published sampler."""
+import gc
+import weakref
+
+import pytest
+import torch
+
+import ucgm_fast
+from ucgm_fast.reference import sampler as reference
+from ucgm_fast.transports import get_transport
+from conftest import rel_err
+
+TRANSPORTS = ucgm_fast.TRANSPORTS
+SHAPE = (3, 4, 5)
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """The exact denoiser of per-element Gaussian data N(mu + 0.1 y, sd^2), plus a small tanh: smooth,
+    deterministic, bounded on every transport, and run in the dtype of its input."""
+
+    num_classes = 10
+
+    def __init__(self, transport, shape=SHAPE[1:]):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.mu = torch.randn(shape, generator=g, dtype=torch.float64)
+        self.sd = 0.5 + torch.rand(shape, generator=g, dtype=torch.float64)
+        self.tr = get_transport(transport)
+
+    def forward(self, x, t, y=None):
+        dt = x.dtype
+        tt = t.to(dt).reshape((-1,) + (1,) * (x.dim() - 1))
+        ai, gi, at, gt = self.tr.coefficients(tt)
+        mu, s2 = self.mu.to(x.device, dt), self.sd.to(x.device, dt) ** 2
+        if y is not None:
+            mu = mu + 0.1 * y.to(dt).reshape(tt.shape)
+        r = x - gi * mu
+        v = gi * gi * s2 + ai * ai
+        x_hat = mu + gi * s2 / v * r + 0.05 * torch.tanh(x)
+        z_hat = ai / v * r
+        return at * z_hat + gt * x_hat
+
+
+def noise_like(shape=SHAPE, seed=1, dtype=torch.float64):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+KW = dict(time_dist_ctrl=(1.17, 0.8, 1.1), rfba_gap_steps=(0.001, 0.001))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("steps", [1, 2, 35, 60])
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("extrapol", [0.0, 0.5])
+def test_kappa0_matches_float64_reference(transport, steps, order, extrapol):
+    model = GaussianDenoiser(transport)
+    noise = noise_like()
+    ref = reference.sample(model, noise, transport, steps, order, 0.0, extrapol, **KW)
+    assert torch.isfinite(ref).all() and ref.abs().max() > 0.1
+    for state, tol in ((torch.float32, 1e-5), (torch.float64, 1e-9)):
+        out = ucgm_fast.sample(model, noise.to(state), transport, steps, order, 0.0, extrapol, **KW,
+                               state_dtype=state)
+        assert out.dtype == state and out.shape == noise.shape
+        assert rel_err(out, ref) <= tol, (state, rel_err(out, ref))
+
+
+@pytest.mark.parametrize("transport", ["Linear", "ReLinear", "EDM"])
+@pytest.mark.parametrize("kappa", [0.3, 1.0, "auto"])
+def test_stochastic_matches_reference_with_same_noise(transport, kappa):
+    model = GaussianDenoiser(transport)
+    noise = noise_like()
+    for order, steps, e in ((1, 4, 0.4), (2, 5, 0.0)):
+        ref = reference.sample(model, noise, transport, steps, order, kappa, e, seed=21, **KW)
+        out = ucgm_fast.sample(model, noise, transport, steps, order, kappa, e, seed=21, **KW,
+                               state_dtype=torch.float64)
+        assert rel_err(out, ref) <= 1e-9
+        det = ucgm_fast.sample(model, noise, transport, steps, order, 0.0, e, **KW, state_dtype=torch.float64)
+        assert rel_err(out, det) > 1e-3  # the noise does something
+
+
+def test_auto_kappa_fixed_at_first_step():
+    grid = reference.time_grid(6, 1, "Linear", (1, 1, 1), (0.001, 0.3))
+    kappa = reference.auto_stochast_ratio("Linear", float(grid[0]), float(grid[1]))
+    t, t1 = float(grid[0]), float(grid[1])
+    assert kappa == pytest.approx(min(1.0, ((abs(t1 - t) ** 0.5) * (2 * t) ** 0.5 / t1) ** 2), rel=1e-12)
+    model = GaussianDenoiser("Linear")
+    noise = noise_like()
+    auto = ucgm_fast.sample(model, noise, "Linear", 6, 1, "auto", state_dtype=torch.float64)
+    fixed = ucgm_fast.sample(model, noise, "Linear", 6, 1, kappa, state_dtype=torch.float64)
+    assert torch.equal(auto, fixed)
+
+
+def test_time_grid_follows_published_rules():
+    # Order 2 halves the points; g1 == 0 makes one extra point and drops the last; flip for Linear.
+    g = reference.time_grid(5, 2, "Linear", (1, 1, 1), (0.1, 0.2))
+    assert torch.allclose(g, torch.tensor([0.9, 0.55, 0.2, 0.0], dtype=torch.float64))
+    g = reference.time_grid(3, 1, "ReLinear", (1, 1, 1), (0.0, 0.0))
+    assert torch.allclose(g, torch.tensor([0.0, 1 / 3, 2 / 3, 0.0], dtype=torch.float64))
+    g = reference.time_grid(3, 1, "ReLinear", (2.0, 1.0, 1.0), (0.0, 0.5))
+    assert torch.allclose(g, torch.tensor([0.0, 0.0625, 0.25, 0.0], dtype=torch.float64))
+
+
+def test_seed_reproducibility_and_trajectory():
+    model = GaussianDenoiser("TrigFlow")
+    noise = noise_like(dtype=torch.float32)
+    a = ucgm_fast.sample(model, noise, "TrigFlow", 4, 1, 0.7, seed=5)
+    b = ucgm_fast.sample(model, noise, "TrigFlow", 4, 1, 0.7, seed=5)
+    c = ucgm_fast.sample(model, noise, "TrigFlow", 4, 1, 0.7, seed=6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    x, traj = ucgm_fast.sample(model, noise, "TrigFlow", 4, 1, 0.7, seed=5, return_trajectory=True)
+    assert torch.equal(x, a) and traj.shape == (4,) + noise.shape and torch.equal(traj[-1], x)
+    _, ref_traj = reference.sample(model, noise, "TrigFlow", 4, 1, 0.7, seed=5, rfba_gap_steps=(0.001, 0.3),
+                                   return_trajectory=True)
+    assert rel_err(traj, ref_traj) < 1e-5
+
+
+def test_model_input_dtype_and_times():
+    seen = []
+
+    def model(x, t, y=None):
+        seen.append((x.dtype, t.dtype, t.shape, float(t[0])))
+        return torch.zeros_like(x)
+
+    noise = noise_like(dtype=torch.bfloat16)
+    out = ucgm_fast.sample(model, noise, "Linear", 3, 2, 0.0, rfba_gap_steps=(0.0, 0.25))
+    grid = reference.time_grid(3, 2, "Linear", (1, 1, 1), (0.0, 0.25))
+    assert out.dtype == torch.float32
+    assert [s[0] for s in seen] == [torch.bfloat16] * 3 and all(s[1] == torch.float32 for s in seen)
+    assert all(s[2] == (SHAPE[0],) for s in seen)
+    assert [s[3] for s in seen] == pytest.approx([float(grid[0]), float(grid[1]), float(grid[1])])
+
+
+@pytest.mark.parametrize("interval", [(0.0, 1.0), (0.0, 0.5)])
+def test_classifier_free_guidance(interval):
+    model = GaussianDenoiser("Linear")
+    y = torch.tensor([1, 4, 7])
+    calls = []
+
+    def counted(x, t, y):
+        calls.append(x.shape[0])
+        return model(x, t, y)
+
+    def guided(x, t, y):
+        cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, model.num_classes))
+        w = 2.5 if interval[0] <= float(t[0]) <= interval[1] else 1.0
+        return uncond + w * (cond - uncond)
+
+    noise = noise_like()
+    counted.num_classes = model.num_classes
+    out = ucgm_fast.sample(counted, noise, "Linear", 5, 1, 0.0, cfg_scale=2.5, cfg_interval=interval, y=y,
+                           state_dtype=torch.float64)
+    ref = reference.sample(guided, noise, "Linear", 5, 1, 0.0, rfba_gap_steps=(0.001, 0.3), y=y)
+    assert rel_err(out, ref) < 1e-9
+    assert calls == [2 * SHAPE[0]] * 5  # both halves in one call, every step
+    plain = ucgm_fast.sample(model, noise, "Linear", 5, 1, 0.0, y=y, state_dtype=torch.float64)
+    assert rel_err(out, plain) > 1e-3
+
+
+def test_memory_does_not_grow_with_steps():
+    """Without return_trajectory no step's tensors outlive the next steps."""
+    alive = []
+
+    def model(x, t):
+        alive.append(weakref.ref(x))
+        return torch.ones_like(x) * 0.1
+
+    ucgm_fast.sample(model, noise_like(dtype=torch.float32), "Linear", 40, 2, 0.5, extrapol_ratio=0.3)
+    gc.collect()
+    assert len(alive) == 39
+    # The model is called with the state itself (float32 noise): none of them is kept.
+    assert sum(r() is not None for r in alive) == 0
+
+    peak = []
+
+    def watch(x, t):
+        alive.append(weakref.ref(x))
+        peak.append(sum(r() is not None for r in alive))
+        return torch.ones_like(x) * 0.1
+
+    alive.clear()
+    ucgm_fast.sample(watch, noise_like(dtype=torch.float32), "Linear", 60, 1, 0.5, extrapol_ratio=0.3)
+    assert max(peak) <= 3
+
+
+def test_custom_transport_matches_builtin():
+    lin = ucgm_fast.Transport(alpha_in=lambda t: t, gamma_in=lambda t: 1 - t, alpha_to=lambda t: 1.0,
+                              gamma_to=lambda t: -1.0)
+    model = GaussianDenoiser("Linear")
+    noise = noise_like()
+    a = ucgm_fast.sample(model, noise, lin, 6, 2, 0.4, 0.3, state_dtype=torch.float64)
+    b = ucgm_fast.sample(model, noise, "Linear", 6, 2, 0.4, 0.3, state_dtype=torch.float64)
+    assert rel_err(a, b) < 1e-12
+
+
+def test_bad_input():
+    model = GaussianDenoiser("Linear")
+    noise = noise_like()
+    for kwargs, exc, pattern in [
+        (dict(steps=0), ValueError, "steps"),
+        (dict(steps=2.5), ValueError, "steps"),
+        (dict(order=3), ValueError, "order"),
+        (dict(stochast_ratio=1.5), ValueError, "stochast_ratio"),
+        (dict(stochast_ratio=-0.1), ValueError, "stochast_ratio"),
+        (dict(stochast_ratio="sometimes"), ValueError, "stochast_ratio"),
+        (dict(extrapol_ratio=-0.5), ValueError, "extrapol_ratio"),
+        (dict(rfba_gap_steps=(0.6, 0.4)), ValueError, "empty time interval"),
+        (dict(rfba_gap_steps=(0.0, 1.0)), ValueError, "empty time interval"),
+        (dict(rfba_gap_steps=(0.1,)), ValueError, "rfba_gap_steps"),
+        (dict(time_dist_ctrl=(1.0, 0.0, 1.0)), ValueError, "time_dist_ctrl"),
+        (dict(cfg_scale=-1.0), ValueError, "cfg_scale"),
+        (dict(cfg_scale=2.0), ValueError, "needs class labels"),
+        (dict(cfg_interval=(0.8, 0.2)), ValueError, "cfg_interval"),
+        (dict(state_dtype=torch.float16), TypeError, "state_dtype"),
+        (dict(seed="a"), TypeError, "seed"),
+        (dict(y=torch.tensor([1, 2])), ValueError, "y must"),
+        (dict(cuda_graph=True), ValueError, "cuda_graph"),
+        (dict(transport="Nope"), ValueError, "transport"),
+    ]:
+        with pytest.raises(exc, match=pattern):
+            ucgm_fast.sample(model, noise, **kwargs)
+    with pytest.raises(ValueError, match="rejected noise of shape"):
+        ucgm_fast.sample(model, noise_like((3, 4, 6)))
+    with pytest.raises(ValueError, match="shaped like its input"):
+        ucgm_fast.sample(lambda x, t: x[:, :2], noise)
+    with pytest.raises(ValueError, match="num_classes"):
+        ucgm_fast.sample(lambda x, t, y: x, noise, cfg_scale=2.0, y=torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="noise"):
+        ucgm_fast.sample(model, noise.long())
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ---------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("state", [torch.float32, torch.float64])
+def test_cuda_matches_cpu_same_seed(state):
+    model = GaussianDenoiser("EDM")
+    noise = noise_like()
+    y = torch.tensor([0, 3, 9])
+    kw = dict(steps=6, order=2, stochast_ratio=0.6, extrapol_ratio=0.3, seed=99, state_dtype=state, cfg_scale=1.5)
+    a = ucgm_fast.sample(model, noise.to(state), "EDM", y=y, **kw)
+    b = ucgm_fast.sample(GaussianDenoiserCuda("EDM"), noise.to(state).cuda(), "EDM",
+                         y=y.cuda(), **kw)
+    # Same noise bit for bit; the model itself runs on a different device (its own rounding).
+    assert rel_err(b, a) < (1e-10 if state == torch.float64 else 1e-5)
+
+
+class GaussianDenoiserCuda(GaussianDenoiser):
+    def __init__(self, transport):
+        super().__init__(transport)
+        self.mu, self.sd = self.mu.cuda(), self.sd.cuda()
+
+
+@cuda
+def test_cuda_graph_replay_matches_eager():
+    ucgm_fast.clear_graph_cache()
+    model = GaussianDenoiserCuda("Linear")
+    y = torch.tensor([1, 2, 3], device="cuda")
+    kw = dict(steps=6, order=2, stochast_ratio=0.5, extrapol_ratio=0.4, cfg_scale=2.0, y=y)
+    for seed in (1, 2):
+        noise = noise_like(seed=seed, dtype=torch.float32).cuda()
+        eager = ucgm_fast.sample(model, noise, "Linear", seed=seed, **kw)
+        graph = ucgm_fast.sample(model, noise, "Linear", seed=seed, cuda_graph=True, **kw)
+        assert torch.equal(eager, graph)
+    assert len(ucgm_fast.sampler._GRAPHS) == 1  # captured once, replayed with new noise and seed
+
+
+@cuda
+def test_no_host_sync_in_loop():
+    model = GaussianDenoiserCuda("TrigFlow")
+    noise = noise_like(dtype=torch.float32).cuda()
+    y = torch.tensor([1, 2, 3], device="cuda")
+    ucgm_fast.sample(model, noise, "TrigFlow", steps=4, order=2, cfg_scale=2.0, y=y)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ucgm_fast.sample(model, noise, "TrigFlow", steps=4, order=2, stochast_ratio="auto", extrapol_ratio=0.5,
+                         cfg_scale=2.0, y=y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
