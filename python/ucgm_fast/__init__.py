@@ -26,4 +26,14 @@ __all__ += ["sample", "sampler_step", "sampler_correct", "sampler_noise", "clear
 # -- end sampler --
 
 # -- models, training, data, evaluation (models/, train.py, data.py, metrics.py) --
+from . import data, metrics, models
+from .data import DATASETS, ImageDataset, InfiniteLoader, get_dataset
+from .metrics import (class_accuracy, evaluate_samples, frechet_distance, frechet_floor, inception_fid, kernel_mmd,
+                      load_or_train_classifier, memorisation_check, nearest_neighbour_distance)
+from .models import DiT, DiT_models, get_model
+
+__all__ += ["models", "data", "metrics", "DiT", "DiT_models", "get_model", "DATASETS", "ImageDataset",
+            "InfiniteLoader", "get_dataset", "frechet_distance", "frechet_floor", "kernel_mmd", "class_accuracy",
+            "nearest_neighbour_distance", "memorisation_check", "evaluate_samples", "load_or_train_classifier",
+            "inception_fid"]
 # -- end models --

@@ -15,6 +15,7 @@ real-data counterpart at the same sample count, so a number can be read against 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -29,6 +30,26 @@ from .data import ImageDataset, get_dataset
 
 #: Default cache of trained classifiers: $UCGM_CACHE_DIR or ~/.cache/ucgm_fast.
 DEFAULT_CACHE_DIR = Path(os.environ.get("UCGM_CACHE_DIR", Path.home() / ".cache" / "ucgm_fast"))
+
+
+#: Images with at most this many pixels per channel run the classifier on one thread. Its convolutions
+#: on 8x8 digits are too small to split: measured on this project's 2-core machine (busy with other
+#: jobs), training the digits classifier took 12 s on 1 thread and 98 s on 2 threads.
+SINGLE_THREAD_MAX_PIXELS = 256
+
+
+@contextlib.contextmanager
+def _threads_for(images: torch.Tensor):
+    """One intra-op thread for small images (see SINGLE_THREAD_MAX_PIXELS), torch's setting otherwise."""
+    before = torch.get_num_threads()
+    small = images.shape[-1] * images.shape[-2] <= SINGLE_THREAD_MAX_PIXELS
+    if small and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small and before > 1:
+            torch.set_num_threads(before)
 
 
 #################################################################################
@@ -67,6 +88,11 @@ def _evaluate_accuracy(model: FeatureClassifier, data: ImageDataset, batch_size:
 def train_classifier(train: ImageDataset, heldout: ImageDataset, epochs: int = 10, batch_size: int = 64,
                      lr: float = 5e-3, seed: int = 0, width: int = 32, verbose: bool = False):
     """(classifier, held-out accuracy): AdamW with a one-cycle schedule, light shift augmentation."""
+    with _threads_for(train.images):
+        return _train_classifier(train, heldout, epochs, batch_size, lr, seed, width, verbose)
+
+
+def _train_classifier(train, heldout, epochs, batch_size, lr, seed, width, verbose):
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -174,7 +200,9 @@ def load_or_train_classifier(dataset, heldout: ImageDataset = None, cache_dir=No
 def extract_features(classifier: FeatureClassifier, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """classifier.features of images (N, C, H, W) in float64, (N, F), computed in batches on CPU."""
     _check_images("extract_features", images, classifier)
-    feats = [classifier.features(images[i:i + batch_size].float().cpu()) for i in range(0, len(images), batch_size)]
+    with _threads_for(images):
+        feats = [classifier.features(images[i:i + batch_size].float().cpu())
+                 for i in range(0, len(images), batch_size)]
     return torch.cat(feats).double()
 
 
@@ -248,9 +276,10 @@ def class_accuracy(classifier: FeatureClassifier, images: torch.Tensor, labels: 
     if labels.shape != (len(images),):
         raise ValueError(f"class_accuracy: labels have shape {tuple(labels.shape)}; expected ({len(images)},)")
     correct = 0
-    for i in range(0, len(images), batch_size):
-        pred = classifier(images[i:i + batch_size].float().cpu()).argmax(1)
-        correct += int((pred == labels[i:i + batch_size]).sum())
+    with _threads_for(images):
+        for i in range(0, len(images), batch_size):
+            pred = classifier(images[i:i + batch_size].float().cpu()).argmax(1)
+            correct += int((pred == labels[i:i + batch_size]).sum())
     return correct / len(images)
 
 

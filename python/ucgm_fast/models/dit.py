@@ -19,16 +19,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-#: How attention runs on CPU: "math" (explicit softmax(QK^T)V) or "sdpa" (F.scaled_dot_product_attention).
-#: Measured on this project's 2-core CPU (torch 2.13, 2 threads, float32, DiT-S/2 width: 6 heads of
-#: 64 channels, batch 64, forward + backward of one attention call, median of 20):
-#:     tokens   16: math 1.49 ms  sdpa 2.39 ms      tokens 49: math 5.6 ms  sdpa 6.9 ms
-#:     tokens   64: math 7.6 ms   sdpa 9.1 ms       tokens 196: math 54 ms  sdpa 48 ms
-#: The math path wins at the token counts this library trains on CPU (8x8 and 28x28 images at
-#: patch 2/4: 16 and 49 tokens) and SDPA only overtakes near 200 tokens, so CPU uses math below
-#: CPU_SDPA_MIN_TOKENS tokens and SDPA from there on. CUDA always uses SDPA (flash / efficient kernels).
-#: Re-measure with ``python benchmarks/attention_cpu.py``.
-CPU_SDPA_MIN_TOKENS = 128
+#: How attention runs on CPU: "math" (explicit softmax(QK^T)V) below CPU_SDPA_MIN_TOKENS tokens,
+#: F.scaled_dot_product_attention ("sdpa") from there on; CUDA always uses SDPA (flash / efficient kernels).
+#: Measured with benchmarks/attention_cpu.py (torch 2.13 CPU, float32, 6 heads x 64 = DiT-S width,
+#: forward + backward, the two interleaved, minimum of 10) on this project's 2-core machine while
+#: other jobs kept its load average at 7-8, so only large ratios mean anything:
+#:     1 thread,  one attention call, batch 64:  16 tok 0.96 (sdpa/math)  49 tok 0.98  64 tok 1.05  196 tok 0.62
+#:     1 thread,  DiT-S training step, batch 32: 16 tok (8x8, /2) 1.06   49 tok (28x28, /4) 1.00   64 tok 0.94
+#:     2 threads, attention forward only:        16 tok 1.31   49 tok 0.50   64 tok 0.88   196 tok 0.37
+#: Math and SDPA tie within noise at 16-64 tokens, math is ahead only at 16 tokens (the 8x8 digits at
+#: patch 2, in the training step and in forward-only sampling), SDPA wins clearly from ~200 tokens.
+#: (The 2-4x advantage of math at 16-49 tokens noted in issue 5 did not reproduce here.)
+CPU_SDPA_MIN_TOKENS = 32
 
 
 #################################################################################
