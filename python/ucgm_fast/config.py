@@ -52,7 +52,8 @@ DEFAULTS: Dict[str, Any] = {
     },
     "train": {
         "ckpt": None,                # published: a checkpoint (file in checkpoints/ or a path) to start from
-        "init_from": None,           # start from this checkpoint's weights (model + EMA) at step 0
+        "init_from": None,           # start from this checkpoint's weights at step 0 (few-step tuning)
+        "init_weights": "ema",       # which weights of init_from become the model: ema | model
         "no_reopt": True,            # with ckpt/init_from: do not load the optimizer state
         "no_reuni": True,            # with ckpt/init_from: do not load the UCGM state (target network)
         "no_buffer": False,          # published: DDP broadcast_buffers=False
@@ -121,6 +122,7 @@ DEFAULTS: Dict[str, Any] = {
 _CHOICES = {
     "data.name": ("digits", "fashion-mnist", "image-folder", "latents"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.init_weights": ("ema", "model"),
     "train.device": ("auto", "cpu", "cuda"),
     "optimizer.type": ("AdamW", "Adam", "RAdam"),
     "transport.weight_funcion": (None, "Cosine"),

@@ -342,14 +342,14 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
         if src:
             init = ckpt_io.load_checkpoint(src)
             check_model_config(init["model_config"], mcfg, src)
-            # Few-step tuning starts from the multi-step EMA weights (the model the user samples from).
-            _load_state(model, init["ema"], src)
+            # Few-step tuning starts by default from the multi-step EMA weights (the model one samples from).
+            _load_state(model, init[tcfg["init_weights"]], src)
             ema_init(ema, model)
             if not tcfg["no_reopt"]:
                 opt.load_state_dict(init["optimizer"])
             if not tcfg["no_reuni"]:
                 objective.load_state_dict(_to_device(init["objective"], device))
-            warn(f"initialised from {src} (step {init['step']}; EMA weights)")
+            warn(f"initialised from {src} (step {init['step']}; {tcfg['init_weights']} weights)")
         else:
             ema_init(ema, model)
 
