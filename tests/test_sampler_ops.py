@@ -116,10 +116,15 @@ def step_tolerance(state, model):
     return 1e-12 if state == torch.float64 and model == torch.float64 else 4e-7
 
 
+# Every transport with the two common dtype pairs; every other (state, model) pair on two transports.
+STEP_CASES = [(tr, st, md) for tr in TRANSPORTS for st, md in ((torch.float64, torch.float64),
+                                                                (torch.float32, torch.bfloat16))]
+STEP_CASES += [(tr, st, md) for tr in ("Linear", "EDM") for st in STATE_DTYPES for md in MODEL_DTYPES
+               if (st, md) not in ((torch.float64, torch.float64), (torch.float32, torch.bfloat16))]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("state", STATE_DTYPES)
-@pytest.mark.parametrize("model", MODEL_DTYPES)
+@pytest.mark.parametrize("transport,state,model", STEP_CASES)
 def test_step_matches_reference(device, transport, state, model):
     gen = torch.Generator().manual_seed(hash((transport, str(state), str(model))) % 2 ** 31)
     t, t1 = times(transport)
@@ -138,14 +143,16 @@ def test_step_matches_reference(device, transport, state, model):
                 ref = reference.sampler_step(F.double(), x.double(), t, t1, transport, step=step,
                                              stochast_ratio=kappa, extrapol_ratio=e, noise=noise,
                                              return_hats=True, **rbufs)
-                tol = step_tolerance(state, model)
-                for o, r in zip(out, ref):
+                for o in out:
                     assert o.dtype == state and o.shape == x.shape and o.device == x.device
-                    assert rel_err(o, r) <= tol, (shape, step, kappa, e, rel_err(o, r))
+                outs, refs = list(out), list(ref)
                 if e:
-                    assert rel_err(bufs["x_prev"], rbufs["x_prev"]) <= tol
-                    assert rel_err(bufs["z_prev"], rbufs["z_prev"]) <= tol
-                    assert rel_err(bufs["x_prev"], out[1]) == 0  # the buffers hold the raw estimates
+                    outs += [bufs["x_prev"], bufs["z_prev"]]
+                    refs += [rbufs["x_prev"], rbufs["z_prev"]]
+                    assert torch.equal(bufs["x_prev"], out[1])  # the buffers hold the raw estimates
+                # One comparison over all outputs (all O(1)): keeps this matrix fast.
+                err = rel_err(torch.cat([o.flatten() for o in outs]), torch.cat([r.flatten() for r in refs]))
+                assert err <= step_tolerance(state, model), (shape, step, kappa, e, err)
 
 
 @pytest.mark.parametrize("device", DEVICES)
