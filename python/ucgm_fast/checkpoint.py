@@ -1,0 +1,166 @@
+"""Checkpoints: atomic writes (temp file, fsync, rename), a SHA-256 trailer, keep-last-k, verified loads.
+
+File layout: the bytes of ``torch.save(payload)`` followed by a 40-byte trailer
+``b"UCGMCKPT" + sha256(those bytes)``. ``torch.load`` still reads the file (zip readers look for
+the central directory from the end and skip the trailer), while :func:`load_checkpoint` verifies the
+length and the hash first, so a truncated file or flipped bits give an error naming the file
+instead of silently wrong weights. Files are named ``{step:07d}.pt`` as in the published code.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from typing import Any, Dict, List, Optional
+
+import torch
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
+           "load_latest_valid", "prune_checkpoints", "checkpoint_path"]
+
+_MAGIC = b"UCGMCKPT"
+_TRAILER = len(_MAGIC) + 32
+_NAME = re.compile(r"^(\d{7,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (truncated, corrupted, not a checkpoint); names the file."""
+
+
+def checkpoint_path(directory: str, step: int) -> str:
+    """``directory/{step:07d}.pt``."""
+    return os.path.join(directory, f"{step:07d}.pt")
+
+
+def _fsync_dir(directory: str) -> None:
+    # The rename is durable only once the directory entry is on disk (POSIX; a no-op elsewhere).
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(payload: Dict[str, Any], path: str) -> str:
+    """Writes payload to path atomically: readers see the old file or the complete new one, never a part.
+
+    The data goes to ``path.tmp-<pid>`` in the same directory, gets its SHA-256 trailer, is fsynced,
+    then renamed over ``path``; the directory is fsynced so the rename survives a power cut.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            digest = _hash_file(f.name, f.tell())
+            f.write(_MAGIC + digest)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(directory)
+    return path
+
+
+def _hash_file(path: str, length: int) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        remaining = length
+        while remaining > 0:
+            chunk = f.read(min(remaining, 1 << 24))
+            if not chunk:
+                break
+            h.update(chunk)
+            remaining -= len(chunk)
+    return h.digest()
+
+
+def verify_checkpoint(path: str) -> int:
+    """Checks the trailer and hash; returns the payload length. Raises CheckpointError naming path."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    size = os.path.getsize(path)
+    if size < _TRAILER:
+        raise CheckpointError(f"checkpoint {path!r} is truncated or empty ({size} bytes)")
+    with open(path, "rb") as f:
+        f.seek(size - _TRAILER)
+        trailer = f.read(_TRAILER)
+    if trailer[:len(_MAGIC)] != _MAGIC:
+        raise CheckpointError(f"checkpoint {path!r} is truncated or not a ucgm_fast checkpoint "
+                              "(its integrity trailer is missing)")
+    if _hash_file(path, size - _TRAILER) != trailer[len(_MAGIC):]:
+        raise CheckpointError(f"checkpoint {path!r} is corrupted (SHA-256 mismatch)")
+    return size - _TRAILER
+
+
+def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    """The verified payload of a checkpoint written by :func:`save_checkpoint` (weights_only load)."""
+    length = verify_checkpoint(path)
+    with open(path, "rb") as f:
+        data = f.read(length)
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as err:  # hash matched, so the writer produced something unreadable
+        raise CheckpointError(f"checkpoint {path!r} could not be unpickled: {err}") from err
+    if not isinstance(payload, dict) or "step" not in payload:
+        raise CheckpointError(f"checkpoint {path!r} is not a ucgm_fast training checkpoint (no 'step')")
+    return payload
+
+
+def list_checkpoints(directory: str) -> List[str]:
+    """Checkpoint files ``NNNNNNN.pt`` in directory, oldest step first (temp files ignored)."""
+    if not os.path.isdir(directory):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(directory) if (m := _NAME.match(name))]
+    return [os.path.join(directory, name) for _, name in sorted(found)]
+
+
+def latest_checkpoint(directory: str) -> Optional[str]:
+    """The newest checkpoint file in directory (not verified), or None."""
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def load_latest_valid(directory: str, map_location="cpu", warn=print):
+    """(path, payload) of the newest checkpoint in directory that verifies, skipping broken ones.
+
+    Each skipped file is reported through ``warn`` with the reason. Raises CheckpointError if the
+    directory holds checkpoints but none verifies, FileNotFoundError if it holds none.
+    """
+    found = list_checkpoints(directory)
+    if not found:
+        raise FileNotFoundError(f"no checkpoints (NNNNNNN.pt) in {directory!r} to resume from")
+    errors = []
+    for path in reversed(found):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as err:
+            errors.append(str(err))
+            warn(f"warning: {err}; trying the previous checkpoint")
+    raise CheckpointError("no usable checkpoint in " + repr(directory) + ": " + "; ".join(errors))
+
+
+def prune_checkpoints(directory: str, keep_last: int) -> List[str]:
+    """Deletes all but the newest keep_last checkpoints and stale temp files; returns what it removed."""
+    removed = []
+    found = list_checkpoints(directory)
+    for path in found[:-keep_last] if keep_last > 0 else found:
+        os.remove(path)
+        removed.append(path)
+    for name in os.listdir(directory):
+        # A temp file of a writer that was killed mid-write; never one of a live writer (our own pid).
+        if ".pt.tmp-" in name and not name.endswith(f".tmp-{os.getpid()}"):
+            os.remove(os.path.join(directory, name))
+            removed.append(os.path.join(directory, name))
+    return removed

@@ -1,0 +1,541 @@
+"""``ucgm-train``: train a DiT with the UCGM objective from a YAML recipe.
+
+    ucgm-train --config configs/digits_multistep.yaml [dotted.key=value ...] [--resume [PATH]]
+    torchrun --nproc_per_node 2 -m ucgm_fast.train --config ...       # data-parallel (DDP)
+
+One step: UCGM loss (bf16 autocast on CUDA) -> backward -> nan/inf gradient zeroing + clipping
+from one multi-tensor norm -> fused AdamW -> multi-tensor EMA. Rank 0 logs (tqdm, metrics.jsonl),
+writes atomic checkpoints every ``train.ckpt_every`` steps (last ``train.keep_last`` kept), sample
+grids every ``train.sample_every`` steps and at the end, and a loss curve at the end.
+``--resume`` continues bit-for-bit: the checkpoint holds model, EMA, optimizer, the objective's
+state (target network), every rank's RNG state, and the step (which fixes the data order).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt_io
+from .batches import BatchPlan, Batches
+from .config import (ConfigError, apply_overrides, dump_config, latent_size, load_config, merge_config, run_dir,
+                     validate_config)
+from .optim import EMA, clip_and_sanitize_grads, ema_init, make_optimizer
+from .plots import save_grid, save_loss_curve, to_display
+
+__all__ = ["main", "train", "build_model", "build_dataset", "model_config", "check_model_config",
+           "load_model_from_checkpoint", "sample_images"]
+
+
+# ---------------------------------------------------------------------------------------------
+#                                    Builders (model, data, objective)
+# ---------------------------------------------------------------------------------------------
+
+# Published TiT recipes: a DiT with parameter-free RMSNorm, QK-norm, SwiGLU and 2-D RoPE.
+_TIT_OPTIONS = {"use_rmsnorm": True, "qk_norm": True, "use_swiglu": True, "use_rope": True}
+
+
+def model_config(cfg: Dict[str, Any], in_channels: int) -> Dict[str, Any]:
+    """What identifies the architecture: registry name, sizes and options (stored in checkpoints)."""
+    name = cfg["model"]["type"]
+    options = dict(cfg["model"]["options"] or {})
+    if isinstance(name, str) and name.startswith("TiT-"):
+        name, options = "DiT-" + name[4:], {**_TIT_OPTIONS, **options}
+    return {"type": name, "input_size": latent_size(cfg), "in_channels": int(in_channels),
+            "num_classes": int(cfg["data"]["num_classes"]), "options": options}
+
+
+def build_model(mcfg: Dict[str, Any]) -> torch.nn.Module:
+    """The DiT of a :func:`model_config` dict (unknown names and options raise ValueError/TypeError)."""
+    from .models import get_model
+
+    try:
+        return get_model(mcfg["type"], input_size=mcfg["input_size"], in_channels=mcfg["in_channels"],
+                         num_classes=mcfg["num_classes"], **mcfg["options"])
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.type / model.options: {err}") from None
+
+
+def check_model_config(found: Dict[str, Any], wanted: Dict[str, Any], path: str) -> None:
+    """Raises ConfigError if a checkpoint's model config differs from the one being built."""
+    if found != wanted:
+        diff = [k for k in sorted(set(found) | set(wanted)) if found.get(k) != wanted.get(k)]
+        details = ", ".join(f"{k}: checkpoint {found.get(k)!r} vs config {wanted.get(k)!r}" for k in diff)
+        raise ConfigError(f"checkpoint {path!r} was trained with another model config ({details})")
+
+
+def build_dataset(cfg: Dict[str, Any], split: str = "train"):
+    """The :class:`ucgm_fast.data.ImageDataset` of ``data.*``, split 'train' or 'test' (held out).
+
+    Latents get the published scaling: standardised per channel with the train split's statistics
+    when ``data.latent_norm``, then multiplied by ``data.latent_multiplier``.
+    """
+    from . import data as data_mod
+
+    d = cfg["data"]
+    name = d["name"]
+    kw: Dict[str, Any] = {}
+    if name == "image-folder":
+        kw = {"root": d["data_path"], "size": d["image_size"], "channels": d["channels"] or 3}
+    elif name == "latents":
+        kw = {"path": d["data_path"], "num_classes": d["num_classes"]}
+    elif name == "fashion-mnist" and d["data_path"]:
+        kw = {"root": d["data_path"]}
+    if name == "latents" and split == "test":
+        kw["holdout_fraction"] = 0.01  # latent files carry no held-out part: hold back 1%
+    try:
+        dataset = data_mod.get_dataset(name, split=split, **kw)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"data ({name}): {err}") from None
+    if dataset.num_classes != d["num_classes"]:
+        raise ConfigError(f"data.num_classes is {d['num_classes']} but dataset {name!r} has "
+                          f"{dataset.num_classes} classes")
+    if name == "latents":
+        scale = float(d["latent_multiplier"])
+        if d["latent_norm"]:
+            ref = dataset if split == "train" else data_mod.get_dataset(name, split="train", **kw)
+            mean = ref.images.mean(dim=(0, 2, 3), keepdim=True)
+            std = ref.images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)
+            dataset.images = (dataset.images - mean) / std
+        if scale != 1.0:
+            dataset.images = dataset.images * scale
+    return dataset
+
+
+def _dataset_shape(dataset) -> tuple:
+    return tuple(dataset.images.shape[-3:])
+
+
+def check_dataset(dataset, mcfg: Dict[str, Any], name: str) -> None:
+    """Raises ConfigError when the data's (C, H, W) does not match the model's input."""
+    c, h, w = _dataset_shape(dataset)
+    size, chans = mcfg["input_size"], mcfg["in_channels"]
+    if (c, h, w) != (chans, size, size):
+        raise ConfigError(
+            f"dataset {name!r} has items of shape (C, H, W) = ({c}, {h}, {w}) but the model expects "
+            f"({chans}, {size}, {size}) (model.in_chans / data.image_size // vae.downsample_ratio); "
+            "set data.image_size, vae.downsample_ratio and model.in_chans to match the data")
+
+
+def build_objective(cfg: Dict[str, Any]):
+    """The UCGM objective of the ``transport`` section (published keys)."""
+    from .objective import UCGM
+
+    try:
+        return UCGM.from_config(cfg["transport"])
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"transport: {err}") from None
+
+
+def sample_images(model: torch.nn.Module, cfg: Dict[str, Any], labels: torch.Tensor, seed: int = 0,
+                  steps: Optional[int] = None, **overrides) -> torch.Tensor:
+    """Samples in model space with the ``sample`` section's settings (steps/overrides win)."""
+    from .sampler import sample
+
+    s = {**cfg["sample"], **overrides}
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size, generator=gen)
+    was_training = model.training
+    model.eval()
+    try:
+        out = sample(model, noise.to(device), transport=cfg["transport"]["type"],
+                     steps=int(steps or s["sampling_steps"]), order=s["sampling_order"],
+                     stochast_ratio=s["stochast_ratio"], extrapol_ratio=s["extrapol_ratio"],
+                     time_dist_ctrl=s["time_dist_ctrl"], rfba_gap_steps=s["rfba_gap_steps"],
+                     cfg_scale=s["cfg_scale"], cfg_interval=s["cfg_interval"], seed=seed,
+                     y=labels.to(device))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def images_of(dataset, x: torch.Tensor) -> torch.Tensor:
+    """Model-space samples -> [0, 1] images: pixel datasets live in [-1, 1]; latents get a min-max view."""
+    if dataset is None or getattr(dataset, "name", "latents") == "latents":
+        return to_display(x)
+    return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def grid_labels(num_classes: int, n: int) -> torch.Tensor:
+    """n labels cycling through the classes (one column per class when n is a multiple)."""
+    return torch.arange(n) % num_classes
+
+
+def load_model_from_checkpoint(path: str, use_ema: bool = True, map_location="cpu"):
+    """(model, cfg, payload) from a training checkpoint; the EMA weights by default."""
+    payload = ckpt_io.load_checkpoint(path, map_location)
+    for key in ("config", "model_config", "model", "ema"):
+        if key not in payload:
+            raise ckpt_io.CheckpointError(f"checkpoint {path!r} has no {key!r} entry")
+    cfg = merge_config(load_config(), payload["config"])
+    model = build_model(payload["model_config"])
+    _load_state(model, payload["ema" if use_ema else "model"], path)
+    return model, cfg, payload
+
+
+def _load_state(module: torch.nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise ConfigError(f"checkpoint {path!r} does not fit the model: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+#                                    Distributed setup
+# ---------------------------------------------------------------------------------------------
+
+def _setup_distributed(device_pref: str):
+    """(rank, world, device); joins the torchrun process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but CUDA is not available")
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def _all_gather(obj, world):
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _rng_state(device: torch.device) -> Dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                    Training
+# ---------------------------------------------------------------------------------------------
+
+class _Log:
+    """Rank-0 outputs: the metrics JSONL file (truncated to the resumed step) and messages."""
+
+    def __init__(self, directory: str, active: bool, resume_step: Optional[int]):
+        self.active = active
+        self.path = os.path.join(directory, "metrics.jsonl")
+        if active and resume_step is not None and os.path.isfile(self.path):
+            # Lines written after the checkpoint by the interrupted run are replaced by the resumed run's.
+            keep = []
+            with open(self.path, "r", encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= resume_step:
+                            keep.append(line if line.endswith("\n") else line + "\n")
+                    except json.JSONDecodeError:
+                        break
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+        elif active and resume_step is None and os.path.isfile(self.path):
+            os.remove(self.path)
+
+    def metrics(self, row: Dict[str, Any]) -> None:
+        if self.active:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def info(self, msg: str, bar=None) -> None:
+        if self.active:
+            (bar.write if bar is not None else print)(msg, file=sys.stderr)
+
+
+def _resolve_resume(resume: str, directory: str, warn):
+    """(path, payload) for --resume: a checkpoint file, a run directory, or '' (this run's latest)."""
+    if resume and os.path.isfile(resume):
+        try:
+            return resume, ckpt_io.load_checkpoint(resume)
+        except ckpt_io.CheckpointError as err:
+            others = [p for p in ckpt_io.list_checkpoints(os.path.dirname(os.path.abspath(resume)))
+                      if os.path.abspath(p) != os.path.abspath(resume)]
+            hint = (f"; earlier checkpoints in the same folder: {', '.join(others)} "
+                    f"(resume from one with --resume PATH, or --resume alone for the newest valid one)"
+                    if others else "")
+            raise ckpt_io.CheckpointError(f"{err}{hint}") from None
+    if resume and not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint file or run directory")
+    base = resume or directory
+    ckdir = os.path.join(base, "checkpoints") if os.path.isdir(os.path.join(base, "checkpoints")) else base
+    return ckpt_io.load_latest_valid(ckdir, warn=warn)
+
+
+def _init_source(cfg: Dict[str, Any], ckdir: str) -> Optional[str]:
+    """The checkpoint to initialise from: train.init_from, else the published train.ckpt."""
+    src = cfg["train"]["init_from"] or cfg["train"]["ckpt"]
+    if src and not os.path.isfile(src) and os.path.isfile(os.path.join(ckdir, src)):
+        src = os.path.join(ckdir, src)  # published: a file name inside the run's checkpoints/
+    if src and not os.path.isfile(src):
+        raise FileNotFoundError(f"train.init_from / train.ckpt: checkpoint {src!r} does not exist")
+    return src
+
+
+def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
+    """Runs training as configured; returns a summary dict (rank 0: steps, final loss, paths)."""
+    tcfg = cfg["train"]
+    rank, world, device = _setup_distributed(tcfg["device"])
+    main_proc = rank == 0
+    if tcfg["threads"]:
+        torch.set_num_threads(int(tcfg["threads"]))
+    out_dir = run_dir(cfg)
+    ckdir = os.path.join(out_dir, "checkpoints")
+    warn = (lambda m: print(m, file=sys.stderr)) if main_proc else (lambda m: None)
+
+    payload, resume_path = None, None
+    if resume is not None:
+        resume_path, payload = _resolve_resume(resume, out_dir, warn)
+        warn(f"resuming from {resume_path} (step {payload['step']})")
+
+    # Seeds first: model init, then the objective's draws, follow from them on every rank.
+    torch.manual_seed(tcfg["global_seed"] * world + rank)
+
+    dataset = build_dataset(cfg, "train")
+    in_chans = cfg["model"]["in_chans"] or _dataset_shape(dataset)[0]
+    mcfg = model_config(cfg, in_chans)
+    model = build_model(mcfg).to(device)
+    check_dataset(dataset, mcfg, cfg["data"]["name"])
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    objective = build_objective(cfg)
+    opt = make_optimizer(model.parameters(), **cfg["optimizer"])
+
+    step = 0
+    if payload is not None:
+        check_model_config(payload["model_config"], mcfg, resume_path)
+        _load_state(model, payload["model"], resume_path)
+        _load_state(ema, payload["ema"], resume_path)
+        opt.load_state_dict(payload["optimizer"])
+        objective.load_state_dict(_to_device(payload["objective"], device))
+        step = int(payload["step"])
+        rngs = payload.get("rng") or []
+        if len(rngs) == world:
+            _set_rng_state(rngs[rank], device)
+        else:
+            warn(f"warning: checkpoint has RNG states of {len(rngs)} processes, this run has {world}; "
+                 "reseeding (the run continues but not bit-for-bit)")
+            torch.manual_seed(tcfg["global_seed"] * world + rank + 7919 * step)
+    else:
+        src = _init_source(cfg, ckdir)
+        if src:
+            init = ckpt_io.load_checkpoint(src)
+            check_model_config(init["model_config"], mcfg, src)
+            # Few-step tuning starts by default from the multi-step EMA weights (the model one samples from).
+            _load_state(model, init[tcfg["init_weights"]], src)
+            ema_init(ema, model)
+            if not tcfg["no_reopt"]:
+                opt.load_state_dict(init["optimizer"])
+            if not tcfg["no_reuni"]:
+                objective.load_state_dict(_to_device(init["objective"], device))
+            warn(f"initialised from {src} (step {init['step']}; {tcfg['init_weights']} weights)")
+        else:
+            ema_init(ema, model)
+
+    train_model = model
+    if tcfg["compile"]:
+        train_model = torch.compile(train_model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None,
+                          broadcast_buffers=not tcfg["no_buffer"])
+
+    plan = BatchPlan(len(dataset), tcfg["global_batch_size"], seed=tcfg["global_seed"], rank=rank, world=world)
+    batches = Batches(dataset, plan, start=step, num_workers=cfg["data"]["num_workers"], device=device)
+    ema_tail = EMA(ema, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    precision = tcfg["precision"]
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+
+    if main_proc:
+        os.makedirs(ckdir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(dump_config(cfg))
+    log = _Log(out_dir, main_proc, step if payload is not None else None)
+    nparams = sum(p.numel() for p in model.parameters())
+    log.info(f"{mcfg['type']} {nparams / 1e6:.2f}M params, {len(dataset)} items, global batch "
+             f"{tcfg['global_batch_size']} on {world} x {device.type}, run dir {out_dir}")
+
+    grid_n = min(tcfg["grid_size"], 256)
+    demo_y = grid_labels(mcfg["num_classes"], grid_n)
+    bar = _progress(main_proc and tcfg["progress"], step, tcfg["max_steps"])
+    deadline = time.monotonic() + 60 * tcfg["max_minutes"] if tcfg["max_minutes"] else None
+    loss_sum = torch.zeros((), device=device)
+    n_loss, t_log, last_loss = 0, time.perf_counter(), float("nan")
+    saved_step = step if payload is not None else -1
+
+    def save(at_step: int):
+        rngs = _all_gather(_rng_state(device), world)
+        if main_proc:
+            path = ckpt_io.checkpoint_path(ckdir, at_step)
+            ckpt_io.save_checkpoint({
+                "step": at_step, "model": model.state_dict(), "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(), "objective": objective.state_dict(), "rng": rngs,
+                "data": batches.state_dict(), "config": cfg, "model_config": mcfg, "world_size": world,
+                "version": 1}, path)
+            ckpt_io.prune_checkpoints(ckdir, tcfg["keep_last"])
+            log.info(f"saved {path}", bar)
+
+    def grid(at_step: int, final: bool = False):
+        if main_proc:
+            x = sample_images(ema, cfg, demo_y.to(device), seed=tcfg["global_seed"])
+            name = "final.png" if final else f"{at_step:07d}.png"
+            save_grid(images_of(dataset, x), os.path.join(out_dir, "samples", name),
+                      nrow=min(mcfg["num_classes"], grid_n) if mcfg["num_classes"] <= 16 else None)
+
+    stop = False
+    while step < tcfg["max_steps"] and not stop:
+        x, y = next(batches)
+        x = x.to(device, dtype=torch.float32, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        with autocast():
+            loss = objective.loss(train_model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_and_sanitize_grads(params, cfg["optimizer"]["max_grad_norm"], tcfg["zero_nonfinite_grads"])
+        opt.step()
+        objective.update_target(train_model)  # the target network's EMA step (no-op for D = 0 or 1)
+        decay = tcfg["ema_decay"]
+        if tcfg["ema_warmup"]:
+            decay = min(decay, (1.0 + step) / (10.0 + step))
+        ema_tail.update(decay)
+        step += 1
+        loss_sum += loss.detach().float()
+        n_loss += 1
+
+        if deadline is not None:
+            stop = _agree(time.monotonic() >= deadline, world, device)
+        if step % tcfg["log_every"] == 0 or step == tcfg["max_steps"] or stop:
+            if world > 1:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            last_loss = float(loss_sum) / n_loss
+            now = time.perf_counter()
+            sps = n_loss / max(now - t_log, 1e-9)
+            row = {"step": step, "loss": last_loss, "steps_per_s": sps,
+                   "images_per_s": sps * tcfg["global_batch_size"], "lr": opt.param_groups[0]["lr"]}
+            log.metrics(row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{row['images_per_s']:.0f}", refresh=False)
+            loss_sum.zero_()
+            n_loss, t_log = 0, time.perf_counter()
+        if bar is not None:
+            bar.update(1)
+        if tcfg["sample_every"] and step % tcfg["sample_every"] == 0:
+            grid(step)
+        if step % tcfg["ckpt_every"] == 0:
+            save(step)
+            saved_step = step
+
+    if bar is not None:
+        bar.close()
+    if saved_step != step:
+        save(step)
+    summary = {"step": step, "loss": last_loss, "run_dir": out_dir, "stopped_early": stop}
+    if main_proc:
+        grid(step, final=True)
+        save_loss_curve(log.path, os.path.join(out_dir, "loss.png"))
+        summary["checkpoint"] = ckpt_io.checkpoint_path(ckdir, step)
+        log.info(f"done: step {step}, loss {last_loss:.4f}, outputs in {out_dir}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _agree(flag: bool, world: int, device: torch.device) -> bool:
+    # Every rank must stop at the same step, or DDP's collectives hang.
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _progress(active: bool, start: int, total: int):
+    if not active:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
+                mininterval=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                    Command line
+# ---------------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ucgm-train", description="Train a DiT with the UCGM objective (see configs/).",
+        epilog="Overrides: dotted.key=value, e.g. train.max_steps=30 train.ckpt_every=15 output_dir=runs/x")
+    p.add_argument("--config", help="YAML recipe (sections data, model, train, optimizer, transport, sample)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue exactly from a checkpoint: a .pt file, a run directory, or (no value) the "
+                        "newest valid checkpoint of this config's run directory")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.resume and "=" in args.resume and not os.path.exists(args.resume):
+        # `--resume key=value`: argparse gave --resume the first override; it meant "no path".
+        args.overrides.insert(0, args.resume)
+        args.resume = ""
+    try:
+        if args.config is None and args.resume:
+            # Resume without a config: the checkpoint's own config, plus any overrides.
+            path = args.resume
+            if os.path.isdir(path):
+                ck = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+                path = ckpt_io.latest_checkpoint(ck) or path
+            cfg = merge_config(load_config(None, []), ckpt_io.load_checkpoint(path)["config"])
+            cfg = apply_overrides(cfg, args.overrides)
+            validate_config(cfg)
+        elif args.config is None:
+            raise ConfigError("--config is required (or --resume PATH to continue a run)")
+        else:
+            cfg = load_config(args.config, args.overrides)
+        train(cfg, resume=args.resume)
+    except (ConfigError, ckpt_io.CheckpointError, FileNotFoundError) as err:
+        print(f"ucgm-train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Config system, checkpoint files, optimizer tail and batch plan (no training run needed)."""
+import os
+
+import pytest
+import torch
+
+from ucgm_fast import checkpoint as ck
+from ucgm_fast.batches import BatchPlan
+from ucgm_fast.config import ConfigError, DEFAULTS, load_config
+from ucgm_fast.optim import EMA, clip_and_sanitize_grads, make_optimizer
+
+# A published recipe (LINs-lab/UCGM configs/training_multi_steps/in1k256_tit_xl_sdvae.yaml), verbatim keys.
+PUBLISHED = """
+output_dir: './outputs'
+data:
+  data_path: './buffers/data/sdvae_f8c4/train_256'
+  fid_reference_file: './buffers/refs/in1k256_fid_ref.npz'
+  image_size: 256
+  num_classes: 1000
+  num_workers: 8
+  latent_norm: False
+  latent_multiplier: 0.18215
+vae:
+  type: 'sdvae_ema_f8c4'
+  downsample_ratio: 8
+model:
+  type: TiT-XL/2
+  in_chans: 4
+train:
+  no_reopt: False
+  no_reuni: False
+  no_buffer: False
+  max_steps: 1000000
+  global_batch_size: 1024
+  global_seed: 0
+  log_every: 100
+  ckpt_every: 20000
+  ema_decay: 0.9999
+optimizer:
+  type: 'AdamW'
+  lr: 0.0002
+  weight_decay: 0.0
+  beta1: 0.9
+  beta2: 0.95
+transport:
+  type: Linear
+  lab_drop_ratio: 0.1
+  consistc_ratio: 0.0
+  enhanced_ratio: 0.44
+  scaled_cbl_eps: 0.0
+  ema_decay_rate: 0.999
+  enhanced_range: [0.0, 0.75]
+  time_dist_ctrl: [2.4, 2.4, 1.00]
+  weight_funcion: Cosine
+  wt_cosine_loss: True
+sample:
+  ckpt: "0500000.pt"
+  type: UNI
+  cfg_scale: 0.0
+  cfg_interval: [0.00, 0.75]
+  sampling_steps: 60
+  stochast_ratio: 0.0
+  extrapol_ratio: 0.21
+  sampling_order: 1
+  time_dist_ctrl: [1.17, 0.8, 1.1]
+  rfba_gap_steps: [0.001, 0.001]
+  per_batch_size: 125
+  fid_sample_num: 50000
+"""
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+# ------------------------------------------------------------------ config
+
+def test_published_recipe_loads_with_its_keys(tmp_path):
+    cfg = load_config(_write(tmp_path, PUBLISHED))
+    assert cfg["transport"]["enhanced_ratio"] == 0.44 and cfg["transport"]["weight_funcion"] == "Cosine"
+    assert cfg["transport"]["time_dist_ctrl"] == [2.4, 2.4, 1.0]
+    assert cfg["optimizer"]["beta2"] == 0.95 and cfg["train"]["global_batch_size"] == 1024
+    assert cfg["model"]["type"] == "TiT-XL/2" and cfg["vae"]["downsample_ratio"] == 8
+
+
+def test_dotted_overrides_parse_yaml_values(tmp_path):
+    cfg = load_config(_write(tmp_path, PUBLISHED), ["train.max_steps=30", "train.ckpt_every=15", "output_dir=runs/x",
+                                                    "transport.enhanced_range=[0.1, 0.5]", "train.compile=true",
+                                                    "model.options.depth=2", "optimizer.max_grad_norm=0.1"])
+    assert cfg["train"]["max_steps"] == 30 and cfg["train"]["ckpt_every"] == 15 and cfg["output_dir"] == "runs/x"
+    assert cfg["transport"]["enhanced_range"] == [0.1, 0.5] and cfg["train"]["compile"] is True
+    assert cfg["model"]["options"] == {"depth": 2} and cfg["optimizer"]["max_grad_norm"] == 0.1
+
+
+@pytest.mark.parametrize("text, names", [
+    ("train:\n  max_step: 3\n", ["'train.max_steps'", "'train.max_step'"]),
+    ("trainn:\n  max_steps: 3\n", ["'trainn'"]),
+    ("transport:\n  weight_function: Cosine\n  foo: 1\n", ["'transport.weight_function'", "'transport.foo'"]),
+])
+def test_unknown_keys_in_file_are_named(tmp_path, text, names):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    for name in names:
+        assert name in str(err.value)
+    assert path in str(err.value)
+
+
+def test_unknown_override_is_named():
+    with pytest.raises(ConfigError, match=r"'optimizer\.betas'"):
+        load_config(None, ["optimizer.betas=0.9"])
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(None, ["train.max_steps"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.max_steps=abc", "train.max_steps"), ("train.max_steps=0", "train.max_steps"),
+    ("optimizer.type=SGD", "optimizer.type"), ("transport.time_dist_ctrl=[1,2]", "transport.time_dist_ctrl"),
+    ("train.compile=3", "train.compile"), ("transport.consistc_ratio=1.5", "transport.consistc_ratio"),
+    ("data.name=cifar", "data.name"), ("sample.stochast_ratio=foo", "sample.stochast_ratio"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_shipped_configs_load():
+    names = sorted(os.listdir(CONFIG_DIR))
+    assert any("digits" in n for n in names) and any("fashion" in n for n in names)
+    assert any("in1k256" in n for n in names)
+    for name in names:
+        cfg = load_config(os.path.join(CONFIG_DIR, name))
+        assert set(cfg) == set(DEFAULTS)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+def _payload(step=1):
+    return {"step": step, "model": {"w": torch.randn(64, 33)}, "config": {"a": 1}}
+
+
+def test_checkpoint_roundtrip_is_atomic_and_plain_torch_load_works(tmp_path):
+    path = ck.save_checkpoint(_payload(5), ck.checkpoint_path(str(tmp_path), 5))
+    assert os.path.basename(path) == "0000005.pt"
+    assert [p for p in os.listdir(tmp_path)] == ["0000005.pt"]  # no temp file left
+    got = ck.load_checkpoint(path)
+    assert got["step"] == 5 and got["model"]["w"].shape == (64, 33)
+    assert torch.load(path, weights_only=True)["step"] == 5
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_damaged_checkpoint_is_named_and_previous_one_is_used(tmp_path, damage):
+    good = ck.save_checkpoint(_payload(10), ck.checkpoint_path(str(tmp_path), 10))
+    bad = ck.save_checkpoint(_payload(20), ck.checkpoint_path(str(tmp_path), 20))
+    data = bytearray(open(bad, "rb").read())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0x40
+    else:
+        data = b""
+    open(bad, "wb").write(bytes(data))
+    with pytest.raises(ck.CheckpointError) as err:
+        ck.load_checkpoint(bad)
+    assert bad in str(err.value)
+    warnings = []
+    path, payload = ck.load_latest_valid(str(tmp_path), warn=warnings.append)
+    assert path == good and payload["step"] == 10
+    assert len(warnings) == 1 and bad in warnings[0]
+
+
+def test_prune_keeps_last_k_and_removes_stale_temp_files(tmp_path):
+    for s in (1, 2, 3, 4):
+        ck.save_checkpoint(_payload(s), ck.checkpoint_path(str(tmp_path), s))
+    (tmp_path / "0000005.pt.tmp-999999").write_bytes(b"partial")
+    ck.prune_checkpoints(str(tmp_path), 2)
+    assert sorted(os.listdir(tmp_path)) == ["0000003.pt", "0000004.pt"]
+
+
+# ------------------------------------------------------------------ optimizer tail
+
+def _grads(seed=0):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.GELU(), torch.nn.Linear(13, 5))
+    m(torch.randn(9, 7)).pow(2).sum().backward()
+    return m
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.05, 1e6])
+def test_sanitize_and_clip_match_per_parameter_reference(max_norm):
+    m, ref = _grads(), _grads()
+    for mod in (m, ref):
+        mod[0].weight.grad[1, 2] = float("nan")
+        mod[2].bias.grad[0] = float("inf")
+        mod[2].weight.grad[3, 1] = -float("inf")
+    norm = clip_and_sanitize_grads(list(m.parameters()), max_norm, zero_nonfinite=True)
+    for p in ref.parameters():
+        torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm or float("inf"))
+    torch.testing.assert_close(norm, ref_norm)
+    for p, q in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+        assert torch.isfinite(p.grad).all()
+
+
+def test_finite_grads_untouched_without_clipping():
+    m = _grads()
+    before = [p.grad.clone() for p in m.parameters()]
+    clip_and_sanitize_grads(list(m.parameters()), None, zero_nonfinite=True)
+    for p, b in zip(m.parameters(), before):
+        assert torch.equal(p.grad, b)
+
+
+def test_multi_tensor_ema_matches_formula():
+    model, ema = _grads(0), _grads(1)
+    ref = [e.detach().clone() * 0.9 + p.detach() * 0.1 for e, p in zip(ema.parameters(), model.parameters())]
+    EMA(ema, model).update(0.9)
+    for e, r in zip(ema.parameters(), ref):
+        torch.testing.assert_close(e, r, rtol=1e-6, atol=1e-7)
+
+
+def test_adamw_is_fused_where_supported():
+    opt = make_optimizer(torch.nn.Linear(3, 3).parameters(), type="AdamW", lr=1e-3)
+    assert opt.defaults.get("fused") or opt.defaults.get("foreach")
+    assert isinstance(opt, torch.optim.AdamW)
+
+
+# ------------------------------------------------------------------ batch plan
+
+def test_batch_plan_is_a_function_of_step_and_ranks_partition_the_global_batch():
+    plan = BatchPlan(103, 16, seed=3)
+    again = BatchPlan(103, 16, seed=3)
+    assert torch.equal(plan.indices(9), again.indices(9))  # no hidden iterator state
+    epoch = torch.cat([plan.indices(s) for s in range(plan.per_epoch)])
+    assert len(set(epoch.tolist())) == len(epoch) == 96
+    ranks = [BatchPlan(103, 16, seed=3, rank=r, world=2) for r in range(2)]
+    assert torch.equal(torch.cat([r.indices(11) for r in ranks]), plan.indices(11))
+    with pytest.raises(ValueError, match="global_batch_size"):
+        BatchPlan(103, 15, world=2)

@@ -1,0 +1,251 @@
+"""End-to-end training runs on digits with a tiny DiT: outputs, exact resume after SIGKILL, DDP, CLIs,
+and the errors a user meets first (bad model name, data/model mismatch, foreign checkpoint)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from ucgm_fast import checkpoint as ck
+from ucgm_fast.config import ConfigError, load_config
+from ucgm_fast.train import main as train_main
+from ucgm_fast.train import train
+
+TINY = {
+    "data": {"name": "digits", "image_size": 8, "num_classes": 10},
+    "model": {"type": "DiT-S/2", "options": {"depth": 2, "hidden_size": 32, "num_heads": 2}},
+    "train": {"max_steps": 12, "global_batch_size": 16, "log_every": 3, "ckpt_every": 6, "keep_last": 2,
+              "sample_every": 0, "grid_size": 10, "ema_decay": 0.9, "threads": 1, "progress": False},
+    "optimizer": {"lr": 1e-3, "max_grad_norm": 1.0},
+    "transport": {"type": "Linear", "consistc_ratio": 0.0, "enhanced_ratio": 0.3, "ema_decay_rate": 0.9},
+    "sample": {"sampling_steps": 2},
+    "eval": {"num_samples": 100, "classifier_epochs": 4},
+}
+
+
+def tiny_config(tmp_path, name="run", **sections):
+    cfg = json.loads(json.dumps(TINY))
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    cfg["output_dir"] = str(tmp_path / name)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _env():
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _equal_states(a, b, where=""):
+    """Recursively asserts bitwise equality of nested dicts/lists of tensors and values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"tensors differ at {where}"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"keys differ at {where}: {set(a) ^ set(b)}"
+        for k in a:
+            _equal_states(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _equal_states(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"values differ at {where}: {a!r} vs {b!r}"
+
+
+def test_training_run_writes_all_outputs(tmp_path):
+    cfg = load_config(tiny_config(tmp_path), ["train.sample_every=6"])
+    summary = train(cfg)
+    out = cfg["output_dir"]
+    assert summary["step"] == 12 and torch.isfinite(torch.tensor(summary["loss"]))
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [3, 6, 9, 12]
+    assert all("loss" in r and "images_per_s" in r and "steps_per_s" in r for r in rows)
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["0000006.pt", "0000012.pt"]
+    assert {"0000006.png", "0000012.png", "final.png"} <= set(os.listdir(os.path.join(out, "samples")))
+    assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
+    payload = ck.load_checkpoint(os.path.join(out, "checkpoints", "0000012.pt"))
+    assert {"model", "ema", "optimizer", "objective", "rng", "data", "step", "config"} <= set(payload)
+    assert payload["step"] == 12 and payload["data"]["epoch"] == 0
+    assert yaml.safe_load(open(os.path.join(out, "config.yaml")))["train"]["max_steps"] == 12
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    cfg = load_config(tiny_config(tmp_path), ["train.ckpt_every=2", "train.keep_last=3", "train.max_steps=10"])
+    train(cfg)
+    assert sorted(os.listdir(os.path.join(cfg["output_dir"], "checkpoints"))) == \
+        ["0000006.pt", "0000008.pt", "0000010.pt"]
+
+
+def _run_cli(args, **kw):
+    return subprocess.run([sys.executable, "-m", "ucgm_fast.train", *args], env=_env(), capture_output=True,
+                          text=True, **kw)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_exact(tmp_path):
+    steps, every = 60, 10
+    common = [f"train.max_steps={steps}", f"train.ckpt_every={every}", "train.keep_last=10"]
+    ref = tiny_config(tmp_path, "ref")
+    done = _run_cli(["--config", ref, *common])
+    assert done.returncode == 0, done.stderr
+
+    cfg = tiny_config(tmp_path, "killed")
+    ckdir = tmp_path / "killed" / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-m", "ucgm_fast.train", "--config", cfg, *common], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (ckdir / "0000020.pt").exists():
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()}"
+        assert time.time() < deadline
+        time.sleep(0.002)
+    alive = proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert alive, "the run finished before SIGKILL; make it longer"
+    assert not (ckdir / f"{steps:07d}.pt").exists()
+
+    resumed = _run_cli(["--config", cfg, "--resume", *common])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+
+    a = ck.load_checkpoint(str(tmp_path / "ref" / "checkpoints" / f"{steps:07d}.pt"))
+    b = ck.load_checkpoint(str(ckdir / f"{steps:07d}.pt"))
+    for key in ("model", "ema", "optimizer", "objective", "rng", "data", "step"):
+        _equal_states(a[key], b[key], key)
+    # The metrics file has one line per logged step, none duplicated by the restart.
+    steps_logged = [json.loads(line)["step"] for line in open(tmp_path / "killed" / "metrics.jsonl")]
+    assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == steps
+
+
+def test_resume_skips_a_corrupted_latest_checkpoint(tmp_path, capsys):
+    cfg = load_config(tiny_config(tmp_path), ["train.max_steps=6", "train.ckpt_every=3", "train.keep_last=5"])
+    train(cfg)
+    ckdir = os.path.join(cfg["output_dir"], "checkpoints")
+    latest = os.path.join(ckdir, "0000006.pt")
+    with open(latest, "r+b") as f:
+        f.truncate(os.path.getsize(latest) // 3)
+    # An explicit path: a clear error naming the file and the earlier good one.
+    with pytest.raises(ck.CheckpointError) as err:
+        train(cfg, resume=latest)
+    assert latest in str(err.value) and "0000003.pt" in str(err.value)
+    # --resume without a path falls back to the newest checkpoint that verifies.
+    cfg2 = load_config(tiny_config(tmp_path), ["train.max_steps=9", "train.ckpt_every=3"])
+    summary = train(cfg2, resume="")
+    assert summary["step"] == 9
+    assert "0000006.pt" in capsys.readouterr().err
+
+
+def test_unknown_model_name_is_an_error(tmp_path):
+    cfg = load_config(tiny_config(tmp_path), ["model.type=DiT-Q/3"])
+    with pytest.raises(ConfigError, match="DiT-Q/3"):
+        train(cfg)
+
+
+def test_dataset_not_matching_the_model_is_an_error(tmp_path):
+    cfg = load_config(tiny_config(tmp_path), ["model.in_chans=3"])
+    with pytest.raises(ConfigError, match=r"\(1, 8, 8\).*\(3, 8, 8\)"):
+        train(cfg)
+
+
+def test_checkpoint_from_another_model_config_is_an_error(tmp_path):
+    cfg = load_config(tiny_config(tmp_path), ["train.max_steps=2", "train.ckpt_every=2"])
+    train(cfg)
+    src = os.path.join(cfg["output_dir"], "checkpoints", "0000002.pt")
+    other = load_config(tiny_config(tmp_path, "other"), [f"train.init_from={src}", "model.options.hidden_size=64"])
+    with pytest.raises(ConfigError, match="another model config.*hidden_size|options"):
+        train(other)
+    with pytest.raises(ConfigError, match="another model config"):
+        train(load_config(tiny_config(tmp_path, "other2"), ["model.options.depth=3"]), resume=src)
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
+    assert train_main(["--config", tiny_config(tmp_path), "train.nope=1"]) == 2
+    assert "'train.nope'" in capsys.readouterr().err
+
+
+def test_init_from_starts_few_step_tuning_from_ema_weights(tmp_path):
+    cfg = load_config(tiny_config(tmp_path), ["train.max_steps=4", "train.ckpt_every=4"])
+    train(cfg)
+    src = os.path.join(cfg["output_dir"], "checkpoints", "0000004.pt")
+    tune = load_config(tiny_config(tmp_path, "tune"), [f"train.init_from={src}", "train.max_steps=2",
+                                                       "train.ckpt_every=2", "transport.consistc_ratio=1.0",
+                                                       "transport.ema_decay_rate=1.0"])
+    summary = train(tune)
+    assert summary["step"] == 2 and torch.isfinite(torch.tensor(summary["loss"]))
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_with_gloo(tmp_path):
+    # torchrun of this interpreter (a `torchrun` on PATH may belong to another Python)
+    cmd = [sys.executable, "-m", "torch.distributed.run",
+        "--standalone", "--nproc_per_node", "2", "-m", "ucgm_fast.train", "--config", tiny_config(tmp_path),
+        "train.max_steps=6", "train.ckpt_every=3"]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "run"
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [3, 6]  # rank 0 alone writes
+    payload = ck.load_checkpoint(str(out / "checkpoints" / "0000006.pt"))
+    assert payload["world_size"] == 2 and len(payload["rng"]) == 2
+    assert not torch.equal(payload["rng"][0]["cpu"], payload["rng"][1]["cpu"])  # ranks draw differently
+    assert done.stderr.count("done: step 6") == 1
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    cfg = load_config(tiny_config(tmp), ["train.max_steps=4", "train.ckpt_every=4"])
+    train(cfg)
+    return os.path.join(cfg["output_dir"], "checkpoints", "0000004.pt")
+
+
+def _cli(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], env=_env(), capture_output=True, text=True)
+
+
+def test_sample_cli_writes_a_grid(trained_checkpoint, tmp_path):
+    out = tmp_path / "grid.png"
+    done = _cli("ucgm_fast.sample_cli", "--ckpt", trained_checkpoint, "--steps", "2", "--out", str(out),
+                "--num", "20", "--save-npz", str(tmp_path / "s.npz"))
+    assert done.returncode == 0, done.stderr
+    from PIL import Image
+    assert Image.open(out).size[0] > 64
+    import numpy as np
+    arrays = np.load(tmp_path / "s.npz")
+    assert arrays["samples"].shape == (20, 1, 8, 8) and np.isfinite(arrays["samples"]).all()
+
+
+def test_sample_cli_names_a_corrupted_checkpoint(trained_checkpoint, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(open(trained_checkpoint, "rb").read()[:1000])
+    done = _cli("ucgm_fast.sample_cli", "--ckpt", str(bad), "--steps", "2", "--out", str(tmp_path / "g.png"))
+    assert done.returncode == 2 and str(bad) in done.stderr and "truncated" in done.stderr
+
+
+@pytest.mark.slow
+def test_eval_cli_prints_fd_beside_the_floor(trained_checkpoint, tmp_path):
+    done = _cli("ucgm_fast.eval_cli", "--ckpt", trained_checkpoint, "--steps", "2", "--num", "100",
+                "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "r.json"))
+    assert done.returncode == 0, done.stderr
+    assert "FD" in done.stdout and "floor at N=100" in done.stdout and "MMD" in done.stdout
+    assert "class acc" in done.stdout and "nearest-train-neighbour" in done.stdout
+    r = json.load(open(tmp_path / "r.json"))
+    assert r["n"] == 100 and r["fd"] > 0 and r["fd_floor"] > 0 and r["steps"] == 2
+
+
+def test_resume_a_run_directory_without_its_config_file(tmp_path):
+    cfg = load_config(tiny_config(tmp_path), ["train.max_steps=3", "train.ckpt_every=3"])
+    train(cfg)
+    assert train_main(["--resume", cfg["output_dir"], "train.max_steps=5", "train.ckpt_every=5"]) == 0
+    assert ck.latest_checkpoint(os.path.join(cfg["output_dir"], "checkpoints")).endswith("0000005.pt")
+    rows = [json.loads(line)["step"] for line in open(os.path.join(cfg["output_dir"], "metrics.jsonl"))]
+    assert rows == [3, 5]
