@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -38,6 +39,20 @@ void for_each_row_segment(int64_t rows, int64_t row_size, F&& f) {
       f(row, i, stop);
       i = stop;
     }
+  }
+}
+
+// Calls f(std::integral_constant<int, transport>{}): a loop written inside f is compiled once per
+// transport with the coefficient switch of transport.h resolved at compile time.
+template <typename F>
+void with_transport(int transport, F&& f) {
+  switch (transport) {
+    case 0: f(std::integral_constant<int, 0>{}); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 5>{}); break;
   }
 }
 

@@ -39,12 +39,18 @@ int coefficients_cpu(int dtype, const void* t, int64_t n, int transport, void* a
     const S* pt = static_cast<const S*>(t);
     S *ai = static_cast<S*>(alpha_in), *gi = static_cast<S*>(gamma_in);
     S *at = static_cast<S*>(alpha_to), *gt = static_cast<S*>(gamma_to);
-    for_each_row_segment(n, 1, [&](int64_t i, int64_t, int64_t) {
-      const Coeffs<C> k = coefficients<C>(transport, load<C>(pt[i]));
-      ai[i] = store<S>(k.alpha_in);
-      gi[i] = store<S>(k.gamma_in);
-      at[i] = store<S>(k.alpha_to);
-      gt[i] = store<S>(k.gamma_to);
+    // One "row" of n times split over threads; the loop is instantiated per transport so the
+    // coefficient switch folds away and the polynomial transports vectorize.
+    for_each_row_segment(1, n, [&](int64_t, int64_t i0, int64_t i1) {
+      with_transport(transport, [&](auto tr) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const Coeffs<C> k = coefficients<C>(tr.value, load<C>(pt[i]));
+          ai[i] = store<S>(k.alpha_in);
+          gi[i] = store<S>(k.gamma_in);
+          at[i] = store<S>(k.alpha_to);
+          gt[i] = store<S>(k.gamma_to);
+        }
+      });
     });
     return int(kOk);
   });
