@@ -117,6 +117,19 @@ torch.library.register_fake(f"{_NS}::coefficients", _coefficients_fake)
 # Public API
 # ---------------------------------------------------------------------------------------------
 
+def _apply(op: str, mode: int, data: dict, t, transport):
+    """Validates, puts t in its (B,) form and runs the mix op: reference, direct kernel or dispatcher."""
+    tr = get_transport(transport)
+    u, v = data.values()
+    check_data(op, **data)
+    tt = batch_times(op, t, u)
+    if tr.id is None:
+        return _REFERENCE[mode](u, v, tt, tr)
+    if eager_fast_path(u, v):
+        return _mix(u, v, tt, tr.id, mode)
+    return getattr(torch.ops.ucgm_fast, op)(u, v, tt, tr.id)
+
+
 def coefficients(t, transport):
     """(alpha_in(t), gamma_in(t), alpha_to(t), gamma_to(t)).
 
@@ -167,14 +180,7 @@ def interpolate(x, z, t, transport):
         In the input dtype, computed in float32 (float64 for float64 inputs), differentiable
         with respect to ``x`` and ``z``.
     """
-    tr = get_transport(transport)
-    check_data("interpolate", x=x, z=z)
-    tt = batch_times("interpolate", t, x)
-    if tr.id is None:
-        return reference.interpolate(x, z, tt, tr)
-    if eager_fast_path(x, z):
-        return _mix(x, z, tt, tr.id, _INTERP)
-    return torch.ops.ucgm_fast.interpolate(x, z, tt, tr.id)
+    return _apply("interpolate", _INTERP, {"x": x, "z": z}, t, transport)
 
 
 def decode(x_t, F, t, transport):
@@ -199,11 +205,4 @@ def decode(x_t, F, t, transport):
         Data and noise estimates in the input dtype, differentiable with respect to ``x_t`` and
         ``F`` (not ``t``).
     """
-    tr = get_transport(transport)
-    check_data("decode", x_t=x_t, F=F)
-    tt = batch_times("decode", t, x_t)
-    if tr.id is None:
-        return reference.decode(x_t, F, tt, tr)
-    if eager_fast_path(x_t, F):
-        return _mix(x_t, F, tt, tr.id, _DECODE)
-    return torch.ops.ucgm_fast.decode(x_t, F, tt, tr.id)
+    return _apply("decode", _DECODE, {"x_t": x_t, "F": F}, t, transport)
