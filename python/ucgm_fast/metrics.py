@@ -133,6 +133,18 @@ def _dataset_digest(data: ImageDataset) -> str:
     return h.hexdigest()[:12]
 
 
+def _train_and_heldout(op: str, dataset, heldout, **dataset_kw):
+    """(train split, held-out split) from a dataset name, or from an ImageDataset plus heldout=."""
+    if isinstance(dataset, str):
+        train = get_dataset(dataset, split="train", **dataset_kw)
+        return train, heldout if heldout is not None else get_dataset(dataset, split="test", **dataset_kw)
+    if isinstance(dataset, ImageDataset):
+        if heldout is None:
+            raise ValueError(f"{op}: pass heldout= when dataset is an ImageDataset")
+        return dataset, heldout
+    raise TypeError(f"dataset must be a dataset name or an ImageDataset, got {type(dataset).__name__}")
+
+
 def load_or_train_classifier(dataset, heldout: ImageDataset = None, cache_dir=None, min_accuracy: float = 0.8,
                              epochs: int = None, verbose: bool = False, **dataset_kw) -> FeatureClassifier:
     """The cached classifier for a dataset, trained on its train split if absent (then saved atomically).
@@ -154,15 +166,7 @@ def load_or_train_classifier(dataset, heldout: ImageDataset = None, cache_dir=No
         2-core machine, 1 thread: digits (1438 train images), 10 epochs of batch 64, ~10 s, ~98% held-out
         accuracy; Fashion-MNIST, 2 epochs of batch 128, 770 s, 80.0% (hence 4 by default).
     """
-    if isinstance(dataset, str):
-        train = get_dataset(dataset, split="train", **dataset_kw)
-        heldout = heldout if heldout is not None else get_dataset(dataset, split="test", **dataset_kw)
-    elif isinstance(dataset, ImageDataset):
-        train = dataset
-        if heldout is None:
-            raise ValueError("load_or_train_classifier: pass heldout= when dataset is an ImageDataset")
-    else:
-        raise TypeError(f"dataset must be a dataset name or an ImageDataset, got {type(dataset).__name__}")
+    train, heldout = _train_and_heldout("load_or_train_classifier", dataset, heldout, **dataset_kw)
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     name = (train.name or "dataset").replace("/", "_")
     path = cache_dir / f"classifier-{name}-{_dataset_digest(train)}.pt"
@@ -327,15 +331,7 @@ def evaluate_samples(samples: torch.Tensor, labels: torch.Tensor, dataset, class
     Returns a dict: n, fd, fd_floor (N train images vs held-out), fd_ratio, kid, kid_floor, accuracy,
     classifier_accuracy (on held-out), nn_dist_generated, nn_dist_heldout, nn_ratio.
     """
-    if isinstance(dataset, str):
-        train = get_dataset(dataset, split="train")
-        heldout = heldout if heldout is not None else get_dataset(dataset, split="test")
-    elif isinstance(dataset, ImageDataset):
-        train = dataset
-        if heldout is None:
-            raise ValueError("evaluate_samples: pass heldout= when dataset is an ImageDataset")
-    else:
-        raise TypeError(f"dataset must be a dataset name or an ImageDataset, got {type(dataset).__name__}")
+    train, heldout = _train_and_heldout("evaluate_samples", dataset, heldout)
     _check_images("evaluate_samples", samples)
     if samples.shape[1:] != train.images.shape[1:]:
         raise ValueError(f"evaluate_samples: samples have shape {tuple(samples.shape[1:])} but {train.name} "
