@@ -117,7 +117,7 @@ def _report(r: dict, name: str) -> None:
           f"{acc:.4f})" if acc is not None else f"  class acc {r['accuracy']:.4f}")
     if "nn_dist_generated" in r:
         print(f"  nearest-train-neighbour distance: samples {r['nn_dist_generated']:.4f}, held-out "
-              f"{r['nn_dist_heldout']:.4f}, ratio {r["nn_ratio"]:.3f} (a ratio well below 1 would mean memorisation)")
+              f"{r['nn_dist_heldout']:.4f}, ratio {r['nn_ratio']:.3f} (a ratio well below 1 would mean memorisation)")
     if "fid" in r:
         print(f"  FID       {r['fid']:.4f}")
 
