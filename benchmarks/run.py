@@ -98,7 +98,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, budget:
     flush = flusher is not None and w.nbytes is not None and w.nbytes >= flusher.l2_bytes
     row["l2_flushed"] = flush
     wrap = w.around or (lambda f: f)
-    run = lambda fn: timing.time_call(wrap(fn), w.args, device, budget, flusher, flush)
+    run = lambda fn: timing.time_call(wrap(fn), w.args, device, w.budget or budget, flusher, flush)
 
     with torch.set_grad_enabled(w.grad):
         ref = w.oracle() if w.oracle is not None else None
@@ -109,7 +109,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, budget:
         del out
 
         row["compile_ms"] = row["compile_rel_err"] = row["compile_first_call_s"] = None
-        if not args.no_compile:
+        if not args.no_compile and w.compile_peer:
             try:
                 t_comp, out = run(compiled.get(w.compiled or w.eager))
                 row.update(_timing_fields("compile", t_comp))
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         return 2
     device = torch.device(args.device)
     smallest = args.sizes == "smallest"
-    plan = Plan(device=device, quick=args.quick, smallest=smallest, seed=args.seed)
+    plan = Plan(device=device, quick=args.quick, smallest=smallest, seed=args.seed, compile=not args.no_compile)
     mode = "smallest" if smallest else "quick" if args.quick else "full"
 
     groups, skipped = discover("cases")

@@ -7,11 +7,13 @@
 #    pybind11, CMake and ninja; builds only for this GPU's architecture unless UCGM_CUDA_ARCHS is set)
 # 2. prints ucgm_fast.build_info()
 # 3. runs the test suite (its CUDA-parametrized tests run here); a failure does not stop the script
-# 4. runs python benchmarks/run.py --device cuda --quick
-# Results: benchmarks/results/<gpu>.{json,md,png} and <gpu>_pytest.log (e.g. nvidia-h100.json), also
+# 4. runs python benchmarks/run.py --device cuda --quick over the op groups, then the end-to-end group
+#    (DiT training step and sampling; compiles a DiT, so it has its own time limit)
+# Results: benchmarks/results/<gpu>.{json,md,png}, <gpu>_e2e.* and <gpu>_pytest.log (e.g. nvidia-h100.json), also
 # copied into $OUT when it is set, with the whole log as gpu_check.log. Exit status: 0 only when every
 # step passed. Environment: PYTHON (default python3), PYTEST_ARGS (default "-q tests"),
-# TEST_TIMEOUT / BENCH_TIMEOUT in seconds (default 240 each, so the whole check stays under 8 minutes).
+# TEST_TIMEOUT / BENCH_TIMEOUT / E2E_TIMEOUT in seconds (default 240, 180, 240: the whole check stays
+# under 12 minutes with the build).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -69,12 +71,19 @@ rc=$?
 [ "$rc" -eq 0 ] || { failed+=("tests (exit $rc)"); echo "tests failed (exit $rc); going on to the benchmark"; }
 
 step "benchmark: benchmarks/run.py --device cuda --quick --name $NAME"
-timeout "${BENCH_TIMEOUT:-240}" "$PY" benchmarks/run.py --device cuda --quick --name "$NAME" --out-dir "$RESULTS"
+timeout "${BENCH_TIMEOUT:-180}" "$PY" benchmarks/run.py --device cuda --quick --name "$NAME" --out-dir "$RESULTS" \
+  --ops transport objective sampler
 rc=$?
 [ "$rc" -eq 0 ] || { failed+=("benchmark (exit $rc)"); echo "benchmark failed (exit $rc)"; }
 
+step "benchmark: end to end (DiT training step, sampling) --name ${NAME}_e2e"
+timeout "${E2E_TIMEOUT:-240}" "$PY" benchmarks/run.py --device cuda --quick --name "${NAME}_e2e" --out-dir "$RESULTS" \
+  --ops end_to_end
+rc=$?
+[ "$rc" -eq 0 ] || { failed+=("end-to-end benchmark (exit $rc)"); echo "end-to-end benchmark failed (exit $rc)"; }
+
 step "results"
-for f in "$RESULTS/$NAME.json" "$RESULTS/$NAME.md" "$RESULTS/$NAME.png" "$RESULTS/${NAME}_pytest.log"; do
+for f in "$RESULTS/$NAME".{json,md,png} "$RESULTS/${NAME}_e2e".{json,md,png} "$RESULTS/${NAME}_pytest.log"; do
   if [ -f "$f" ]; then
     ls -l "$f"
     if [ -n "${OUT:-}" ]; then cp "$f" "$OUT/"; fi

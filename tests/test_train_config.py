@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from ucgm_fast import checkpoint as ck
-from ucgm_fast.batches import BatchPlan
+from ucgm_fast.data import BatchPlan
 from ucgm_fast.config import ConfigError, DEFAULTS, load_config
-from ucgm_fast.optim import EMA, clip_and_sanitize_grads, make_optimizer
+from ucgm_fast.optim import EMA, clip_and_sanitize_grads, lr_at, make_optimizer
 
 # A published recipe (LINs-lab/UCGM configs/training_multi_steps/in1k256_tit_xl_sdvae.yaml), verbatim keys.
 PUBLISHED = """
@@ -122,6 +122,7 @@ def test_unknown_override_is_named():
     ("optimizer.type=SGD", "optimizer.type"), ("transport.time_dist_ctrl=[1,2]", "transport.time_dist_ctrl"),
     ("train.compile=3", "train.compile"), ("transport.consistc_ratio=1.5", "transport.consistc_ratio"),
     ("data.name=cifar", "data.name"), ("sample.stochast_ratio=foo", "sample.stochast_ratio"),
+    ("optimizer.lr_schedule=step", "optimizer.lr_schedule"), ("optimizer.min_lr=1.0", "optimizer.min_lr"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -230,6 +231,20 @@ def test_adamw_is_fused_where_supported():
 
 
 # ------------------------------------------------------------------ batch plan
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    kw = dict(lr=1e-3, warmup_steps=10, min_lr=1e-5)
+    assert [lr_at(s, 110, **kw) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
+    assert lr_at(10, 110, lr_schedule="cosine", **kw) == pytest.approx(1e-3)
+    assert lr_at(60, 110, lr_schedule="cosine", **kw) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2)
+    assert lr_at(60, 110, lr_schedule="linear", **kw) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2)
+    assert lr_at(35, 110, lr_schedule="linear", **kw) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.75)
+    assert lr_at(110, 110, lr_schedule="cosine", **kw) == pytest.approx(1e-5)
+    assert lr_at(500, 110, lr_schedule="cosine", **kw) == pytest.approx(1e-5)  # past the end: stays there
+    assert lr_at(500, 110, lr_schedule="constant", **kw) == 1e-3
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_at(0, 10, lr=1.0, lr_schedule="exp")
+
 
 def test_batch_plan_is_a_function_of_step_and_ranks_partition_the_global_batch():
     plan = BatchPlan(103, 16, seed=3)

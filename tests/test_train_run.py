@@ -240,6 +240,15 @@ def test_eval_cli_prints_fd_beside_the_floor(trained_checkpoint, tmp_path):
     assert "class acc" in done.stdout and "nearest-train-neighbour" in done.stdout
     r = json.load(open(tmp_path / "r.json"))
     assert r["n"] == 100 and r["fd"] > 0 and r["fd_floor"] > 0 and r["steps"] == 2
+    # --repeats: one report per sample set, then their mean and spread
+    done = _cli("ucgm_fast.eval_cli", "--ckpt", trained_checkpoint, "--steps", "2", "--num", "100", "--repeats", "2",
+                "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "m.json"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("real-vs-real floor") == 2 and "mean of 2 sample sets" in done.stdout
+    m = json.load(open(tmp_path / "m.json"))
+    assert [run["seed"] for run in m["repeats"]] == [0, 1] and m["fd_std"] >= 0
+    assert m["fd"] == pytest.approx(sum(run["fd"] for run in m["repeats"]) / 2)
+    assert m["repeats"][0]["fd"] == pytest.approx(r["fd"])  # seed 0 is the single run's sample set
 
 
 def test_resume_a_run_directory_without_its_config_file(tmp_path):

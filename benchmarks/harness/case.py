@@ -39,6 +39,8 @@ class Workload:
     #                                             e.g. forward then autograd.grad: torch.compile then
     #                                             compiles the forward (AOTAutograd its backward)
     tolerance: Optional[float] = None           # max_rel_err bound; default: per dtype, see accuracy.py
+    budget: Optional[Any] = None                # timing.Budget overriding the run's (rows of seconds per call)
+    compile_peer: bool = True                   # False: no torch.compile column (the row compiles what it needs)
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Plan:
     quick: bool = False
     smallest: bool = False
     seed: int = 0
+    compile: bool = True     # False (--no-compile): no row compiles anything
 
     # Training sizes: a batch of 256 latents of a 256px image (4x32x32) and of DiT's
     # 32-channel 16x16 latents. Large: where a pass is bound by memory bandwidth.

@@ -83,6 +83,9 @@ DEFAULTS: Dict[str, Any] = {
         "beta2": 0.999,
         "eps": 1e-8,
         "max_grad_norm": None,       # gradient clipping (None: off)
+        "lr_schedule": "constant",   # constant | cosine | linear: decay from lr to min_lr over train.max_steps
+        "warmup_steps": 0,           # linear warm-up from 0 to lr over this many steps
+        "min_lr": 0.0,               # the decay's end value
     },
     "transport": {
         "type": "Linear",
@@ -125,6 +128,7 @@ _CHOICES = {
     "train.init_weights": ("ema", "model"),
     "train.device": ("auto", "cpu", "cuda"),
     "optimizer.type": ("AdamW", "Adam", "RAdam"),
+    "optimizer.lr_schedule": ("constant", "cosine", "linear"),
     "transport.weight_funcion": (None, "Cosine"),
     "sample.type": ("UNI",),
 }
@@ -297,6 +301,8 @@ def validate_config(cfg: Dict[str, Any]) -> None:
                           f"'vae.downsample_ratio' ({cfg['vae']['downsample_ratio']})")
     if cfg["optimizer"]["max_grad_norm"] is not None and cfg["optimizer"]["max_grad_norm"] <= 0:
         raise ConfigError("config key 'optimizer.max_grad_norm' must be > 0 or null")
+    if cfg["optimizer"]["warmup_steps"] < 0 or not 0 <= cfg["optimizer"]["min_lr"] <= cfg["optimizer"]["lr"]:
+        raise ConfigError("config keys 'optimizer.warmup_steps' must be >= 0 and 'optimizer.min_lr' in [0, lr]")
     if cfg["train"]["max_minutes"] is not None and cfg["train"]["max_minutes"] <= 0:
         raise ConfigError("config key 'train.max_minutes' must be > 0 or null")
     if cfg["train"]["sample_every"] < 0:

@@ -295,65 +295,115 @@ def get_dataset(name: str, split: str = "train", limit=None, **kw) -> ImageDatas
 #                                     Loader                                    #
 #################################################################################
 
-class InfiniteLoader:
-    """Endless shuffled batches (images, labels) of a dataset, resumable exactly from ``state_dict()``.
+class BatchPlan:
+    """Indices of (global step, rank): drop-last epochs of a seeded permutation, sharded by rank.
 
-    Epoch e is the permutation ``torch.randperm(N, generator=torch.Generator().manual_seed(seed + e))``
-    (a fresh generator per epoch, so the state is just (epoch, position)). With ``world_size > 1``
-    each rank takes every ``world_size``-th index of that permutation (DDP). A batch never spans
-    two epochs: the tail shorter than ``batch_size`` is dropped, so every batch has the same shape
-    (one compiled graph).
+    Epoch e is ``randperm(N)`` from a generator seeded with (seed, e); global step s reads batch
+    ``s mod (N // global_batch)`` of epoch ``s // (N // global_batch)``, and rank r of w takes its
+    ``global_batch // w`` slice. The indices are a pure function of (seed, step): resuming at step s
+    needs no loader state beyond s, and w ranks together see exactly the global batch one process
+    would see.
     """
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int = 0, device=None, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(self, num_items: int, global_batch: int, seed: int = 0, rank: int = 0, world: int = 1):
+        if global_batch % world:
+            raise ValueError(f"train.global_batch_size ({global_batch}) must be divisible by the number of "
+                             f"processes ({world})")
+        if num_items < global_batch:
+            raise ValueError(f"train.global_batch_size ({global_batch}) is larger than the dataset "
+                             f"({num_items} items)")
+        self.num_items, self.global_batch, self.seed = num_items, global_batch, int(seed)
+        self.rank, self.world = rank, world
+        self.local_batch = global_batch // world
+        self.per_epoch = num_items // global_batch
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2 ** 63))
+            self._perm, self._epoch = torch.randperm(self.num_items, generator=gen), epoch
+        return self._perm
+
+    def indices(self, step: int) -> torch.Tensor:
+        """This rank's indices for global step ``step`` (0-based)."""
+        epoch, pos = divmod(step, self.per_epoch)
+        start = pos * self.global_batch + self.rank * self.local_batch
+        return self._permutation(epoch)[start:start + self.local_batch]
+
+
+class _IndexSampler:
+    # A batch sampler over steps [start, ...) for torch's DataLoader (workers fetch, the plan decides).
+    def __init__(self, plan: BatchPlan, start: int):
+        self.plan, self.start = plan, start
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            yield self.plan.indices(step).tolist()
+            step += 1
+
+
+class InfiniteLoader:
+    """Endless shuffled (images, labels) batches whose order is a function of (seed, step) only.
+
+    Batches follow a :class:`BatchPlan` (a batch never spans two epochs: every batch has the same
+    shape, one compiled graph). ``batch_size`` is per process; with ``world_size > 1`` the ranks'
+    batches partition one global batch of ``batch_size * world_size``. A dataset holding
+    ``images``/``labels`` tensors (an :class:`ImageDataset`) is indexed directly -- moved to
+    ``device`` once when it is under ``max_device_bytes`` -- any other map-style dataset of (x, y)
+    items goes through ``torch.utils.data.DataLoader`` with ``num_workers`` workers. Resume with
+    ``start=step`` or ``load_state_dict``.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int = 0, device=None, rank: int = 0, world_size: int = 1,
+                 start: int = 0, num_workers: int = 0, max_device_bytes: int = 2 << 30):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
-        per_rank = len(dataset) // world_size
-        if per_rank < batch_size:
-            raise ValueError(f"batch_size={batch_size} is larger than the {per_rank} samples per rank "
-                             f"({len(dataset)} samples, world_size={world_size})")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = int(seed)
+        if len(dataset) < batch_size * world_size:
+            raise ValueError(f"batch_size={batch_size} is larger than the {len(dataset) // world_size} samples per "
+                             f"rank ({len(dataset)} samples, world_size={world_size})")
+        self.plan = BatchPlan(len(dataset), batch_size * world_size, seed=seed, rank=rank, world=world_size)
+        self.batches_per_epoch = self.plan.per_epoch
+        self.dataset, self.num_workers, self.step = dataset, num_workers, int(start)
         self.device = torch.device(device) if device is not None else None
-        self.rank, self.world_size = rank, world_size
-        self.batches_per_epoch = per_rank // batch_size
-        self.epoch, self.position = 0, 0
-        self._order = None
-
-    def _epoch_order(self) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(len(self.dataset), generator=gen)
-        return perm[self.rank::self.world_size]
+        self._x = self._y = self._it = None
+        if isinstance(getattr(dataset, "images", None), torch.Tensor):
+            self._x, self._y = dataset.images, dataset.labels
+            if self.device is not None and self.device.type != "cpu" and \
+                    self._x.numel() * self._x.element_size() <= max_device_bytes:
+                # A small dataset lives on the accelerator: no host->device copy per step.
+                self._x, self._y = self._x.to(self.device), self._y.to(self.device)
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        if self._order is None:
-            self._order = self._epoch_order()
-        index = self._order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
-        self.position += 1
-        x, y = self.dataset.images[index], self.dataset.labels[index]
+        if self._x is not None:
+            idx = self.plan.indices(self.step).to(self._x.device, non_blocking=True)
+            x, y = self._x[idx], self._y[idx]
+        else:
+            if self._it is None:
+                self._it = iter(torch.utils.data.DataLoader(
+                    self.dataset, batch_sampler=_IndexSampler(self.plan, self.step), num_workers=self.num_workers,
+                    persistent_workers=self.num_workers > 0))
+            x, y = next(self._it)[:2]
+        self.step += 1
         if self.device is not None:
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return x, y
 
     def state_dict(self) -> dict:
-        """{seed, epoch, position}: enough to continue with the very next batch."""
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+        """{seed, step, epoch, position}: enough to continue with the very next batch."""
+        epoch, position = divmod(self.step, self.plan.per_epoch)
+        return {"seed": self.plan.seed, "step": self.step, "epoch": epoch, "position": position}
 
     def load_state_dict(self, state: dict) -> None:
         """Continues from a state_dict(); the seed must be the one this loader was made with."""
-        missing = {"seed", "epoch", "position"} - set(state)
+        missing = {"seed", "step"} - set(state)
         if missing:
             raise ValueError(f"loader state lacks {', '.join(sorted(missing))}")
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"loader state has seed {state['seed']} but this loader uses seed {self.seed}")
-        self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+        if int(state["seed"]) != self.plan.seed:
+            raise ValueError(f"loader state has seed {state['seed']} but this loader uses seed {self.plan.seed}")
+        self.step, self._it = int(state["step"]), None

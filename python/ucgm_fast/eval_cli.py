@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: config sample.sampling_steps)")
     p.add_argument("--num", type=int, default=None, help="samples to score (default: config eval.num_samples)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="score this many sample sets (seeds seed, seed+1, ...) and report mean and spread: "
+                        "FD at N=1000 moves by about +-10%% between seeds")
     p.add_argument("--order", type=int, choices=(1, 2), default=None)
     p.add_argument("--stochast-ratio", default=None)
     p.add_argument("--extrapol-ratio", type=float, default=None)
@@ -81,29 +84,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         steps = args.steps or cfg["sample"]["sampling_steps"]
         if steps < 1:
             raise ConfigError("--steps must be >= 1")
-        start = time.perf_counter()
-        samples, labels = generate(model, cfg, num, steps, seed=args.seed, **sampler_overrides(args))
-        gen_s = time.perf_counter() - start
-        if args.grid:
-            save_grid(images_of(train_set, samples[:100]), args.grid,
-                      nrow=model.num_classes if model.num_classes <= 16 else None)
+        if args.repeats < 1:
+            raise ConfigError("--repeats must be >= 1")
         classifier = metrics.load_or_train_classifier(train_set, heldout=heldout, cache_dir=args.cache_dir
                                                       or cfg["eval"]["cache_dir"],
                                                       epochs=cfg["eval"]["classifier_epochs"])
-        res = metrics.evaluate_samples(samples, labels, train_set, classifier=classifier, heldout=heldout,
-                                       seed=args.seed)
-        res.update({"steps": steps, "train_step": int(payload["step"]), "checkpoint": args.ckpt,
-                    "sampling_seconds": gen_s, "weights": "online" if args.no_ema else "ema"})
-        if args.inception:
-            res["fid"] = metrics.inception_fid(samples, heldout.images, args.inception)
-        _report(res, cfg["data"]["name"])
+        runs = []
+        for seed in range(args.seed, args.seed + args.repeats):
+            start = time.perf_counter()
+            samples, labels = generate(model, cfg, num, steps, seed=seed, **sampler_overrides(args))
+            gen_s = time.perf_counter() - start
+            if args.grid and seed == args.seed:
+                save_grid(images_of(train_set, samples[:100]), args.grid,
+                          nrow=model.num_classes if model.num_classes <= 16 else None)
+            res = metrics.evaluate_samples(samples, labels, train_set, classifier=classifier, heldout=heldout,
+                                           seed=seed)
+            res.update({"steps": steps, "train_step": int(payload["step"]), "checkpoint": args.ckpt,
+                        "sampling_seconds": gen_s, "weights": "online" if args.no_ema else "ema", "seed": seed})
+            if args.inception:
+                res["fid"] = metrics.inception_fid(samples, heldout.images, args.inception)
+            _report(res, cfg["data"]["name"])
+            runs.append(res)
+        out = runs[0] if len(runs) == 1 else _summary(runs, cfg["data"]["name"])
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(res, f, indent=1, default=float)
+                json.dump(out, f, indent=1, default=float)
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         print(f"ucgm-eval: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _summary(runs: list, name: str) -> dict:
+    """Mean and standard deviation over repeats of every number; the ratio is mean FD / mean floor."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and k not in ("seed", "steps", "train_step", "n")]
+    out = {k: runs[0][k] for k in runs[0] if k not in keys}
+    for k in keys:
+        vals = torch.tensor([float(r[k]) for r in runs], dtype=torch.float64)
+        out[k], out[k + "_std"] = float(vals.mean()), float(vals.std())
+    out["fd_ratio"] = out["fd"] / max(out["fd_floor"], 1e-12)
+    out["repeats"] = runs
+    print(f"{name}: mean of {len(runs)} sample sets (seeds {runs[0]['seed']}..{runs[-1]['seed']}): "
+          f"FD {out['fd']:.4f} +- {out['fd_std']:.4f}, floor {out['fd_floor']:.4f} +- {out['fd_floor_std']:.4f}, "
+          f"ratio {out['fd_ratio']:.3f}; class acc {out['accuracy']:.4f}")
+    return out
 
 
 def _report(r: dict, name: str) -> None:

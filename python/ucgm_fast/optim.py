@@ -6,12 +6,13 @@ gradient, ``mul_/add_`` per EMA tensor). Here each stage is a handful of multi-t
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-__all__ = ["make_optimizer", "ema_update", "ema_init", "clip_and_sanitize_grads"]
+__all__ = ["make_optimizer", "lr_at", "ema_update", "ema_init", "clip_and_sanitize_grads"]
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], type: str = "AdamW", lr: float = 1e-4,
@@ -31,6 +32,24 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], type: str = "AdamW", lr
     if type == "RAdam":
         return torch.optim.RAdam(params, foreach=True, decoupled_weight_decay=True, **kwargs)
     raise ValueError(f"optimizer type: unknown optimizer {type!r}; valid: AdamW, Adam, RAdam")
+
+
+def lr_at(step: int, total_steps: int, lr: float, lr_schedule: str = "constant", warmup_steps: int = 0,
+          min_lr: float = 0.0, **_unused) -> float:
+    """lr(s) = lr·min(1, (s+1)/W) · decay: min_lr + (lr-min_lr)·(1+cos(π·p))/2 (cosine) or ·(1-p) (linear).
+
+    p = (s - W) / (total_steps - W) clamped to [0, 1]: the decay starts after the warm-up W and ends at
+    ``total_steps``. A pure function of the step, so a resumed run follows the same schedule.
+    """
+    if lr_schedule not in ("constant", "cosine", "linear"):
+        raise ValueError(f"lr_schedule: unknown schedule {lr_schedule!r}; valid: constant, cosine, linear")
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if lr_schedule == "constant":
+        return lr
+    p = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    shape = 0.5 * (1.0 + math.cos(math.pi * p)) if lr_schedule == "cosine" else 1.0 - p
+    return min_lr + (lr - min_lr) * shape
 
 
 def _float_tensors(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:

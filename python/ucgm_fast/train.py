@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
-from .batches import BatchPlan, Batches
+from .data import InfiniteLoader
 from .config import (ConfigError, apply_overrides, dump_config, latent_size, load_config, merge_config, run_dir,
                      validate_config)
-from .optim import EMA, clip_and_sanitize_grads, ema_init, make_optimizer
+from .optim import EMA, clip_and_sanitize_grads, ema_init, lr_at, make_optimizer
 from .plots import save_grid, save_loss_curve, to_display
 
 __all__ = ["main", "train", "build_model", "build_dataset", "model_config", "check_model_config",
@@ -362,8 +362,11 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None,
                           broadcast_buffers=not tcfg["no_buffer"])
 
-    plan = BatchPlan(len(dataset), tcfg["global_batch_size"], seed=tcfg["global_seed"], rank=rank, world=world)
-    batches = Batches(dataset, plan, start=step, num_workers=cfg["data"]["num_workers"], device=device)
+    if tcfg["global_batch_size"] % world or len(dataset) < tcfg["global_batch_size"]:
+        raise ValueError(f"train.global_batch_size ({tcfg['global_batch_size']}) must be divisible by the number "
+                         f"of processes ({world}) and at most the dataset's {len(dataset)} items")
+    batches = InfiniteLoader(dataset, tcfg["global_batch_size"] // world, seed=tcfg["global_seed"], device=device,
+                             rank=rank, world_size=world, start=step, num_workers=cfg["data"]["num_workers"])
     ema_tail = EMA(ema, model)
     params = [p for p in model.parameters() if p.requires_grad]
     precision = tcfg["precision"]
@@ -411,6 +414,9 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
         x, y = next(batches)
         x = x.to(device, dtype=torch.float32, non_blocking=True)
         y = y.to(device, non_blocking=True)
+        lr = lr_at(step, tcfg["max_steps"], **cfg["optimizer"])
+        for group in opt.param_groups:
+            group["lr"] = lr
         with autocast():
             loss = objective.loss(train_model, x, y)
         opt.zero_grad(set_to_none=True)

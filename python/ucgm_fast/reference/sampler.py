@@ -245,11 +245,12 @@ def sampler_correct(F, x_next, x, z_hat, t, t_next, transport):
 @torch.no_grad()
 def sample(model, noise, transport="Linear", steps=35, order=1, stochast_ratio=0.0, extrapol_ratio=0.0,
            time_dist_ctrl=(1.0, 1.0, 1.0), rfba_gap_steps=(0.001, 0.001), seed=0, state_dtype=torch.float64,
-           return_trajectory=False, y=None):
+           return_trajectory=False, y=None, draw_noise=None):
     """The published sampling loop (uni_sample), state in state_dtype, model fed noise.dtype.
 
     Noise comes from :func:`philox_noise` of (seed, step index) instead of torch.randn, so the fused
-    sampler can be compared at kappa > 0 too. No classifier-free guidance (the model's own business
+    sampler can be compared at kappa > 0 too; ``draw_noise(x, step)`` replaces it (e.g. with
+    ``torch.randn_like(x)`` as published, or with noise drawn beforehand). No classifier-free guidance (the model's own business
     in the published code). Returns the last raw x_hat (and all of them, stacked).
     """
     tr = get_transport(transport)
@@ -283,7 +284,10 @@ def sample(model, noise, transport="Linear", steps=35, order=1, stochast_ratio=0
         if isinstance(kappa, str):
             kappa = auto_stochast_ratio(tr, float(t_cur), float(t_next))
         ai1, gi1, _, _ = tr.coefficients(t_next)
-        eps = philox_noise(x_cur.numel(), seed, i).reshape(x_cur.shape).to(x_cur.device, state_dtype)
+        if draw_noise is None:
+            eps = philox_noise(x_cur.numel(), seed, i).reshape(x_cur.shape).to(x_cur.device, state_dtype)
+        else:
+            eps = draw_noise(x_cur, i)
         x_next = gi1 * x_hat + ai1 * (z_hat * ((1 - kappa) ** 0.5) + eps * (kappa ** 0.5))
         if order == 2 and i < n_iter - 1:
             F_pri = model_call(x_next, t_next).to(state_dtype)
