@@ -1,6 +1,6 @@
 """``ucgm-eval``: score a checkpoint's samples against held-out data.
 
-    ucgm-eval --ckpt runs/digits_multistep/checkpoints/0006000.pt --steps 30
+    ucgm-eval --ckpt runs/digits_multistep/checkpoints/0002600.pt --steps 30 --repeats 3
 
 Prints the Fréchet distance in the feature space of a small CNN classifier (trained once on the
 train split, cached) beside the real-vs-real floor at the same number of samples, the unbiased

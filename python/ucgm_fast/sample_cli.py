@@ -1,6 +1,6 @@
 """``ucgm-sample``: a sample grid (and optionally the raw samples) from a training checkpoint.
 
-    ucgm-sample --ckpt runs/digits_fewstep/checkpoints/0003000.pt --steps 2 --out grid.png
+    ucgm-sample --ckpt runs/digits_fewstep/checkpoints/0000600.pt --steps 2 --out grid.png
 
 Sampler settings default to the checkpoint config's ``sample`` section; each flag overrides one.
 """
