@@ -7,7 +7,7 @@ Columns of these rows (they differ from the op rows: no torch.compile of a refer
 * ``train_step/<model>,<lambda>,model=compiled``: the pair that matters to users who compile
   their model: the same two steps, both with the model under torch.compile (one compiled module
   serves both; the learning rate is 0, see below).
-* ``sample/steps=N,batch=B``: eager = the published sampling loop (float64 state, Python-scalar
+* ``sample/<model>,steps=N`` (batch 1 and 64, in the shape): eager = the published sampling loop (float64 state, Python-scalar
   coefficients), fused = ``ucgm_fast.sample`` (float32 state); on CUDA the ``cuda_graph`` peer
   replays the whole loop as one CUDA graph.
 
