@@ -22,6 +22,8 @@ fs_ckpt=$(ls "$fs"/checkpoints/*.pt | sort | tail -1)
   echo "multi-step training: $((t1 - t0)) s wall ($ms_ckpt); few-step tuning: $((t2 - t1)) s wall ($fs_ckpt)"
   # FD of 1000 samples moves by ~10% between sample sets: each figure is the mean of $REPEATS sets.
   echo "== multi-step model, 30 steps";           $ev --ckpt "$ms_ckpt" --steps 30 --grid "$runs/${name}_ms30.png"
+  echo "== multi-step model, 30 steps, order 2 (Heun: 15 grid points, 29 model calls)"
+  $ev --ckpt "$ms_ckpt" --steps 30 --order 2
   echo "== multi-step model, 2 steps";            $ev --ckpt "$ms_ckpt" --steps 2 --grid "$runs/${name}_ms2.png"
   echo "== multi-step model, 2 steps, few-step sampler settings"
   $ev --ckpt "$ms_ckpt" --steps 2 --stochast-ratio 1.0 --rfba-gap-steps 0.001 0.6
