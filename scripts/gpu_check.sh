@@ -9,6 +9,9 @@
 # 3. runs the test suite (its CUDA-parametrized tests run here); a failure does not stop the script
 # 4. runs python benchmarks/run.py --device cuda --quick over the op groups, then the end-to-end group
 #    (DiT training step and sampling; compiles a DiT, so it has its own time limit)
+# STAGES (default "install tests bench e2e") picks the steps, so a device lease with a per-command limit
+# (10 minutes) can run it in two calls on the same warm machine: STAGES="install tests", then
+# STAGES="bench e2e" (the install stays in place between calls).
 # Results: benchmarks/results/<gpu>.{json,md,png}, <gpu>_e2e.* and <gpu>_pytest.log (e.g. nvidia-h100.json), also
 # copied into $OUT when it is set, with the whole log as gpu_check.log. Exit status: 0 only when every
 # step passed. Environment: PYTHON (default python3), PYTEST_ARGS (default "-q tests"),
@@ -22,6 +25,9 @@ PY=${PYTHON:-python3}
 LOGS=${OUT:-$(mktemp -d -t ucgm_gpu_check.XXXXXX)}
 mkdir -p "$LOGS" benchmarks/results
 export PYTHONUNBUFFERED=1
+
+STAGES=" ${STAGES:-install tests bench e2e} "
+want() { [[ "$STAGES" == *" $1 "* ]]; }
 
 main() {
 failed=()
@@ -39,9 +45,11 @@ if [ -z "${UCGM_CUDA_ARCHS:-}" ]; then  # this GPU only: about half the nvcc tim
 fi
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 
-step "install (UCGM_CUDA_ARCHS=${UCGM_CUDA_ARCHS:-default})"
-if ! "$PY" -m pip install --no-build-isolation --no-deps --no-cache-dir .; then
-  echo "install failed: see the log above"; return 1
+if want install; then
+  step "install (UCGM_CUDA_ARCHS=${UCGM_CUDA_ARCHS:-default})"
+  if ! "$PY" -m pip install --no-build-isolation --no-deps --no-cache-dir .; then
+    echo "install failed: see the log above"; return 1
+  fi
 fi
 
 step "build_info"
@@ -63,24 +71,30 @@ print(slug(torch.cuda.get_device_name()))")
 NAME=${NAME:-cuda}
 RESULTS=benchmarks/results
 
-step "tests: pytest ${PYTEST_ARGS:--q tests}"
-# shellcheck disable=SC2086
-timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest ${PYTEST_ARGS:--q tests} -rfEs -p no:cacheprovider 2>&1 \
-  | tee "$RESULTS/${NAME}_pytest.log"
-rc=$?
-[ "$rc" -eq 0 ] || { failed+=("tests (exit $rc)"); echo "tests failed (exit $rc); going on to the benchmark"; }
+if want tests; then
+  step "tests: pytest ${PYTEST_ARGS:--q tests}"
+  # shellcheck disable=SC2086
+  timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest ${PYTEST_ARGS:--q tests} -rfEs -p no:cacheprovider 2>&1 \
+    | tee "$RESULTS/${NAME}_pytest.log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || { failed+=("tests (exit $rc)"); echo "tests failed (exit $rc); going on"; }
+fi
 
-step "benchmark: benchmarks/run.py --device cuda --quick --name $NAME"
-timeout "${BENCH_TIMEOUT:-180}" "$PY" benchmarks/run.py --device cuda --quick --name "$NAME" --out-dir "$RESULTS" \
-  --ops transport objective sampler
-rc=$?
-[ "$rc" -eq 0 ] || { failed+=("benchmark (exit $rc)"); echo "benchmark failed (exit $rc)"; }
+if want bench; then
+  step "benchmark: benchmarks/run.py --device cuda --quick --name $NAME"
+  timeout "${BENCH_TIMEOUT:-180}" "$PY" benchmarks/run.py --device cuda --quick --name "$NAME" --out-dir "$RESULTS" \
+    --ops transport objective sampler
+  rc=$?
+  [ "$rc" -eq 0 ] || { failed+=("benchmark (exit $rc)"); echo "benchmark failed (exit $rc)"; }
+fi
 
-step "benchmark: end to end (DiT training step, sampling) --name ${NAME}_e2e"
-timeout "${E2E_TIMEOUT:-240}" "$PY" benchmarks/run.py --device cuda --quick --name "${NAME}_e2e" --out-dir "$RESULTS" \
-  --ops end_to_end
-rc=$?
-[ "$rc" -eq 0 ] || { failed+=("end-to-end benchmark (exit $rc)"); echo "end-to-end benchmark failed (exit $rc)"; }
+if want e2e; then
+  step "benchmark: end to end (DiT training step, sampling) --name ${NAME}_e2e"
+  timeout "${E2E_TIMEOUT:-240}" "$PY" benchmarks/run.py --device cuda --quick --name "${NAME}_e2e" \
+    --out-dir "$RESULTS" --ops end_to_end
+  rc=$?
+  [ "$rc" -eq 0 ] || { failed+=("end-to-end benchmark (exit $rc)"); echo "end-to-end benchmark failed (exit $rc)"; }
+fi
 
 step "results"
 for f in "$RESULTS/$NAME".{json,md,png} "$RESULTS/${NAME}_e2e".{json,md,png} "$RESULTS/${NAME}_pytest.log"; do
