@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .sample_cli import resolve_device, sampler_overrides
+from .sample_cli import add_sampler_arguments, resolve_device, sampler_overrides
 
 __all__ = ["main", "generate"]
 
@@ -34,12 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1,
                    help="score this many sample sets (seeds seed, seed+1, ...) and report mean and spread: "
                         "FD at N=1000 moves by about +-10%% between seeds")
-    p.add_argument("--order", type=int, choices=(1, 2), default=None)
-    p.add_argument("--stochast-ratio", default=None)
-    p.add_argument("--extrapol-ratio", type=float, default=None)
-    p.add_argument("--time-dist-ctrl", type=float, nargs=3, default=None, metavar=("A", "B", "C"))
-    p.add_argument("--rfba-gap-steps", type=float, nargs=2, default=None, metavar=("G0", "G1"))
-    p.add_argument("--cfg-scale", type=float, default=None)
+    add_sampler_arguments(p)
     p.add_argument("--no-ema", action="store_true", help="score the online weights instead of the EMA")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--cache-dir", default=None, help="feature-classifier cache (default ~/.cache/ucgm_fast)")

@@ -30,16 +30,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None,
                    help="comma-separated class labels, cycled (default: 0..num_classes-1 cycled)")
     p.add_argument("--seed", type=int, default=0)
+    add_sampler_arguments(p)
+    p.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--save-npz", default=None, help="also save the samples (model space) and labels to .npz")
+    return p
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """The sampler options shared by ucgm-sample and ucgm-eval (read back by :func:`sampler_overrides`)."""
     p.add_argument("--order", type=int, choices=(1, 2), default=None, help="sampler order")
     p.add_argument("--stochast-ratio", default=None, help="stochastic ratio in [0, 1] or Auto")
     p.add_argument("--extrapol-ratio", type=float, default=None)
     p.add_argument("--time-dist-ctrl", type=float, nargs=3, default=None, metavar=("A", "B", "C"))
     p.add_argument("--rfba-gap-steps", type=float, nargs=2, default=None, metavar=("G0", "G1"))
     p.add_argument("--cfg-scale", type=float, default=None)
-    p.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--save-npz", default=None, help="also save the samples (model space) and labels to .npz")
-    return p
 
 
 def sampler_overrides(args) -> dict:
