@@ -27,6 +27,7 @@ import torch
 
 import ucgm_fast
 from ucgm_fast import reference
+from ucgm_fast.optim import EMA, FlatGrads, make_optimizer
 
 F32_BOUND = {0.0: 2e-5, 0.5: 1e-4, 1.0: 5e-4}
 
@@ -427,18 +428,29 @@ def cuda_setup(lam, enhanced):
 @cuda
 @pytest.mark.parametrize("lam,enhanced", [(0.0, 0.0), (0.0, 1.5), (0.5, 2.0), (1.0, 2.0)])
 def test_cuda_step_without_host_sync(lam, enhanced):
+    # ucgm-train's whole step: loss, backward into the flat gradient buffer, nan/inf zeroing and
+    # clipping, fused AdamW, target-network and EMA updates.
     model, ucgm, x, y = cuda_setup(lam, enhanced)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    ucgm.loss(model, x, y).backward()  # creates the target network (a copy, allowed to sync)
+    opt = make_optimizer(model.parameters(), lr=1e-3)
+    grads = FlatGrads(model.parameters())
+    ema = EMA(copy.deepcopy(model).requires_grad_(False), model)
+
+    def step():
+        loss = ucgm.loss(model, x, y)  # t and z sampled on the device
+        grads.zero_()
+        loss.backward()
+        grads.clip_(1.0, zero_nonfinite=True)
+        opt.step()
+        ucgm.update_target(model)
+        ema.update(0.99)
+        return loss
+
+    step()  # creates the target network and the optimizer state (allowed to sync)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(2):
-            loss = ucgm.loss(model, x, y)  # t and z sampled on the device
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ucgm.update_target(model)
+            loss = step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)

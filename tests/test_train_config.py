@@ -7,7 +7,7 @@ import torch
 from ucgm_fast import checkpoint as ck
 from ucgm_fast.data import BatchPlan
 from ucgm_fast.config import ConfigError, DEFAULTS, load_config
-from ucgm_fast.optim import EMA, clip_and_sanitize_grads, lr_at, make_optimizer
+from ucgm_fast.optim import EMA, FlatGrads, lr_at, make_optimizer
 
 # A published recipe (LINs-lab/UCGM configs/training_multi_steps/in1k256_tit_xl_sdvae.yaml), verbatim keys.
 PUBLISHED = """
@@ -184,21 +184,36 @@ def test_prune_keeps_last_k_and_removes_stale_temp_files(tmp_path):
 
 # ------------------------------------------------------------------ optimizer tail
 
-def _grads(seed=0):
+def _net(seed=0):
     torch.manual_seed(seed)
-    m = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.GELU(), torch.nn.Linear(13, 5))
-    m(torch.randn(9, 7)).pow(2).sum().backward()
+    return torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.GELU(), torch.nn.Linear(13, 5))
+
+
+def _backward(m, seed=0):
+    torch.manual_seed(100 + seed)
+    m(torch.randn(9, 7, dtype=next(m.parameters()).dtype)).pow(2).sum().backward()
+
+
+def _grads(seed=0):
+    m = _net(seed)
+    _backward(m)
     return m
 
 
+def _poison(m):
+    m[0].weight.grad[1, 2] = float("nan")
+    m[2].bias.grad[0] = float("inf")
+    m[2].weight.grad[3, 1] = -float("inf")
+
+
 @pytest.mark.parametrize("max_norm", [None, 0.05, 1e6])
-def test_sanitize_and_clip_match_per_parameter_reference(max_norm):
-    m, ref = _grads(), _grads()
-    for mod in (m, ref):
-        mod[0].weight.grad[1, 2] = float("nan")
-        mod[2].bias.grad[0] = float("inf")
-        mod[2].weight.grad[3, 1] = -float("inf")
-    norm = clip_and_sanitize_grads(list(m.parameters()), max_norm, zero_nonfinite=True)
+def test_flat_grads_clean_and_clip_like_per_parameter_reference(max_norm):
+    m, ref = _net(), _grads()
+    grads = FlatGrads(m.parameters())
+    _backward(m)
+    _poison(m)
+    _poison(ref)
+    norm = grads.clip_(max_norm, zero_nonfinite=True)
     for p in ref.parameters():
         torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
     ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm or float("inf"))
@@ -208,12 +223,52 @@ def test_sanitize_and_clip_match_per_parameter_reference(max_norm):
         assert torch.isfinite(p.grad).all()
 
 
-def test_finite_grads_untouched_without_clipping():
-    m = _grads()
+def test_backward_accumulates_into_the_flat_buffer():
+    m, ref = _net(), _grads()
+    grads = FlatGrads(m.parameters())
+    (flat,) = grads.flats
+    for _ in range(2):  # a second step after zero_ sees fresh gradients, not a sum
+        grads.zero_()
+        _backward(m)
+        assert flat.abs().sum() > 0
+        offset = 0
+        for p, q in zip(m.parameters(), ref.parameters()):
+            assert p.grad.data_ptr() == flat[offset:].data_ptr()  # still a view, filled in place
+            assert torch.equal(p.grad, q.grad)
+            offset += p.numel()
     before = [p.grad.clone() for p in m.parameters()]
-    clip_and_sanitize_grads(list(m.parameters()), None, zero_nonfinite=True)
+    grads.clip_(None, zero_nonfinite=True)  # finite gradients, no clipping: untouched
     for p, b in zip(m.parameters(), before):
         assert torch.equal(p.grad, b)
+
+
+def test_flat_grads_reattach_after_set_to_none():
+    m, ref = _net(), _grads()
+    grads = FlatGrads(m.parameters())
+    torch.optim.SGD(m.parameters(), lr=0.1).zero_grad(set_to_none=True)  # detaches the views
+    _backward(m)
+    _poison(m)
+    _poison(ref)
+    grads.clip_(None, zero_nonfinite=True)
+    for p, q, v in zip(m.parameters(), ref.parameters(), grads.views):
+        assert p.grad is v
+        torch.testing.assert_close(p.grad, torch.nan_to_num(q.grad, nan=0.0, posinf=0.0, neginf=0.0))
+
+
+def test_flat_grads_one_buffer_per_dtype():
+    a, b = _net(0), _net(1).double()
+    params = list(a.parameters()) + list(b.parameters())
+    grads = FlatGrads(params)
+    assert [f.dtype for f in grads.flats] == [torch.float32, torch.float64]
+    _backward(a)
+    _backward(b)
+    ref = [p.grad.double().clone() for p in params]
+    norm = grads.clip_(0.1)
+    ref_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ref]))
+    torch.testing.assert_close(norm.double(), ref_norm, rtol=1e-6, atol=0)
+    scale = 0.1 / (ref_norm + 1e-6)
+    for p, g in zip(params, ref):
+        torch.testing.assert_close(p.grad.double(), g * scale, rtol=1e-6, atol=1e-9)
 
 
 def test_multi_tensor_ema_matches_formula():

@@ -15,8 +15,8 @@ The published-style step is :func:`ucgm_fast.reference.training_loss` (the publi
 ``training_step`` order: boolean-mask enhancement, two separate finite-difference passes) then
 per-parameter ``nan_to_num``, ``torch.optim.AdamW`` with its defaults and a per-parameter EMA loop.
 ucgm_fast's step is what ``ucgm-train`` runs: ``UCGM.loss`` (fused kernels, the two passes as one
-batch of 2B), ``clip_and_sanitize_grads``, fused AdamW, ``UCGM.update_target`` and the multi-tensor
-EMA. t and z are given (their draws are excluded from both), the learning rate is 0 (the optimizer
+batch of 2B), ``FlatGrads`` (backward into one buffer, nan/inf zeroing in one kernel), fused AdamW,
+``UCGM.update_target`` and the multi-tensor EMA. t and z are given (their draws are excluded from both), the learning rate is 0 (the optimizer
 does the same work at any rate) so every repeat sees the same weights and each row's loss is
 checked against the float64 reference loss. On CUDA both steps run under bf16 autocast, as in
 training, so their loss is only checked loosely against the float64 one.
@@ -36,7 +36,7 @@ import torch
 import ucgm_fast
 from ucgm_fast import UCGM, reference, sampler_noise  # ImportError (group skipped) before the objective and sampler land
 from ucgm_fast.models import get_model
-from ucgm_fast.optim import EMA, clip_and_sanitize_grads, make_optimizer
+from ucgm_fast.optim import EMA, FlatGrads, make_optimizer
 from harness.case import Case, Plan, Workload
 from harness.timing import Budget
 
@@ -115,14 +115,15 @@ class FusedStep:
         self.model, self.net, self.ucgm = model, net, ucgm
         self.params = list(model.parameters())
         self.opt = make_optimizer(self.params, lr=0.0)
+        self.grads = FlatGrads(self.params)
         self.ema = EMA(copy.deepcopy(model).requires_grad_(False), model)
 
     def __call__(self, x, y, t, z):
         with _autocast(x.device):
             loss = self.ucgm.loss(self.net, x, y, t=t, z=z)
-        self.opt.zero_grad(set_to_none=True)
+        self.grads.zero_()
         loss.backward()
-        clip_and_sanitize_grads(self.params, None, True)
+        self.grads.clip_(None, True)
         self.opt.step()
         self.ucgm.update_target(self.model)
         self.ema.update(EMA_DECAY)

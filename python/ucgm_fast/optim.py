@@ -10,9 +10,8 @@ import math
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-__all__ = ["make_optimizer", "lr_at", "ema_update", "ema_init", "clip_and_sanitize_grads"]
+__all__ = ["make_optimizer", "lr_at", "ema_update", "ema_init", "FlatGrads"]
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], type: str = "AdamW", lr: float = 1e-4,
@@ -94,38 +93,72 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     EMA(ema, model).update(decay)
 
 
-@torch.no_grad()
-def clip_and_sanitize_grads(params: Sequence[torch.nn.Parameter], max_norm: Optional[float] = None,
-                            zero_nonfinite: bool = True) -> torch.Tensor:
-    """Zeroes nan/inf gradient entries (optional), then clips the global L2 norm to max_norm (optional).
+class FlatGrads:
+    """Gradients as views of one flat buffer per (device, dtype): zeroing, nan/inf cleaning, the
+    global norm and clipping are then one kernel each over every parameter, and none of them waits
+    for the device.
 
-    Returns the global gradient norm before clipping (after zeroing). Costs one ``_foreach_norm``
-    for both jobs; only when that norm is not finite (one host sync, skipped when zero_nonfinite is
-    False) are the gradients flattened into one buffer, ``nan_to_num_``-ed in one kernel and copied
-    back. Zeroing comes before clipping: clipping a non-finite norm would turn every gradient into NaN.
+    Autograd accumulates into a ``.grad`` that is already defined in place, so after
+    ``FlatGrads(params)`` each backward writes straight into the buffer. Use :meth:`zero_` instead of
+    ``optimizer.zero_grad(set_to_none=True)``, which would detach the views (:meth:`clip_` notices and
+    re-attaches them, at the cost of a copy). Costs: the gradients stay allocated between steps, and
+    a parameter that gets no gradient sees a zero one (AdamW still decays it) instead of being skipped.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norms = torch._foreach_norm(grads, 2.0)
-    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-    if zero_nonfinite and not bool(torch.isfinite(total)):
-        # Dense grads of one device and dtype: flattened in one cat, cleaned in one kernel.
-        for group in _group_by_device_dtype(grads).values():
-            flat = _flatten_dense_tensors(group)
-            flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            torch._foreach_copy_(group, _unflatten_dense_tensors(flat, group))
-        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-    if max_norm is not None:
-        # clip_grad_norm_'s rule, on device: scale = min(1, max_norm / (norm + 1e-6))
-        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, scale)
-    return total
 
+    def __init__(self, params: Iterable[torch.nn.Parameter]):
+        self.params = [p for p in params if p.requires_grad]
+        self.views: List[torch.Tensor] = [None] * len(self.params)
+        self.flats: List[torch.Tensor] = []
+        groups: Dict = {}
+        for i, p in enumerate(self.params):
+            groups.setdefault((p.device, p.dtype), []).append(i)
+        for (device, dtype), idx in groups.items():
+            flat = torch.zeros(sum(self.params[i].numel() for i in idx), device=device, dtype=dtype)
+            offset = 0
+            for i in idx:
+                p = self.params[i]
+                self.views[i] = flat[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+            self.flats.append(flat)
+        self._attach()
 
-def _group_by_device_dtype(tensors: Sequence[torch.Tensor]) -> Dict:
-    # Only on the rare non-finite path: cat needs one device and dtype per buffer.
-    groups: Dict = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    return groups
+    def _attach(self) -> None:
+        # The one per-parameter loop: identity checks, plus a copy for a grad someone replaced.
+        with torch.no_grad():
+            for p, v in zip(self.params, self.views):
+                if p.grad is not v:
+                    if p.grad is None:
+                        v.zero_()
+                    else:
+                        v.copy_(p.grad)
+                    p.grad = v
+
+    @torch.no_grad()
+    def zero_(self) -> None:
+        """g <- 0 for every gradient: one fill per buffer."""
+        for flat in self.flats:
+            flat.zero_()
+
+    @torch.no_grad()
+    def clip_(self, max_norm: Optional[float] = None, zero_nonfinite: bool = True) -> torch.Tensor:
+        """g <- nan_to_num(g) · min(1, max_norm / (‖nan_to_num(g)‖₂ + 1e-6)) over all gradients.
+
+        Zeroing (optional) comes first: clipping by a non-finite norm would make every gradient NaN.
+        The clip factor is ``clip_grad_norm_``'s, kept on the device. Returns the global L2 norm before
+        clipping (after zeroing), as a 0-d tensor; nothing here synchronizes with the host.
+        """
+        self._attach()
+        if zero_nonfinite:
+            for flat in self.flats:
+                flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        norms = [torch.linalg.vector_norm(flat, 2.0, dtype=torch.promote_types(flat.dtype, torch.float32))
+                 for flat in self.flats]
+        if not norms:
+            return torch.zeros(())
+        total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(
+            torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+        if max_norm is not None:
+            scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            for flat in self.flats:
+                flat.mul_(scale.to(flat.device))
+        return total

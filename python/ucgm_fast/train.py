@@ -3,8 +3,8 @@
     ucgm-train --config configs/digits_multistep.yaml [dotted.key=value ...] [--resume [PATH]]
     torchrun --nproc_per_node 2 -m ucgm_fast.train --config ...       # data-parallel (DDP)
 
-One step: UCGM loss (bf16 autocast on CUDA) -> backward -> nan/inf gradient zeroing + clipping
-from one multi-tensor norm -> fused AdamW -> multi-tensor EMA. Rank 0 logs (tqdm, metrics.jsonl),
+One step: UCGM loss (bf16 autocast on CUDA) -> backward into one flat gradient buffer -> nan/inf
+zeroing + clipping (a kernel each, no host sync) -> fused AdamW -> multi-tensor EMA. Rank 0 logs (tqdm, metrics.jsonl),
 writes atomic checkpoints every ``train.ckpt_every`` steps (last ``train.keep_last`` kept), sample
 grids every ``train.sample_every`` steps and at the end, and a loss curve at the end.
 ``--resume`` continues bit-for-bit: the checkpoint holds model, EMA, optimizer, the objective's
@@ -28,7 +28,7 @@ from . import checkpoint as ckpt_io
 from .data import InfiniteLoader
 from .config import (ConfigError, apply_overrides, dump_config, latent_size, load_config, merge_config, run_dir,
                      validate_config)
-from .optim import EMA, clip_and_sanitize_grads, ema_init, lr_at, make_optimizer
+from .optim import EMA, FlatGrads, ema_init, lr_at, make_optimizer
 from .plots import save_grid, save_loss_curve, to_display
 
 __all__ = ["main", "train", "build_model", "build_dataset", "model_config", "check_model_config",
@@ -368,7 +368,7 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
     batches = InfiniteLoader(dataset, tcfg["global_batch_size"] // world, seed=tcfg["global_seed"], device=device,
                              rank=rank, world_size=world, start=step, num_workers=cfg["data"]["num_workers"])
     ema_tail = EMA(ema, model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    grads = FlatGrads(model.parameters())
     precision = tcfg["precision"]
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
@@ -419,9 +419,9 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
             group["lr"] = lr
         with autocast():
             loss = objective.loss(train_model, x, y)
-        opt.zero_grad(set_to_none=True)
+        grads.zero_()
         loss.backward()
-        clip_and_sanitize_grads(params, cfg["optimizer"]["max_grad_norm"], tcfg["zero_nonfinite_grads"])
+        grads.clip_(cfg["optimizer"]["max_grad_norm"], tcfg["zero_nonfinite_grads"])
         opt.step()
         objective.update_target(train_model)  # the target network's EMA step (no-op for D = 0 or 1)
         decay = tcfg["ema_decay"]
