@@ -79,6 +79,17 @@ def test_compile_peer_on_one_row(tmp_path):
     assert r["compile_rel_err"] <= 1e-5 and r["max_rel_err"] <= 2e-6
 
 
+def test_numba_peer_is_timed_and_checked(tmp_path):
+    pytest.importorskip("numba")
+    status, rows, _ = _run(tmp_path, "--no-compile", "--match", "^sampler_step/Linear,order=1(,stochastic)?/")
+    assert status == 0 and len(rows) == 2
+    for r in rows:
+        peer = r["peers"]["numba"]  # the same step (noise handed in) on the CPU, one prange loop
+        assert peer["ms"] > 0 and peer["first_call_s"] > 0
+        assert peer["rel_err"] <= 1e-6, r
+        assert peer["speedup_of_fused"] == pytest.approx(peer["ms"] / r["fused_ms"])
+
+
 def test_no_rows_selected_is_an_error(tmp_path):
     assert run.main(["--device", "cpu", "--sizes", "smallest", "--match", "no-such-op",
                      "--out-dir", str(tmp_path)]) == 2
