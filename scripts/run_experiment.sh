@@ -24,6 +24,7 @@ fs_ckpt=$(ls "$fs"/checkpoints/*.pt | sort | tail -1)
   echo "== multi-step model, 30 steps";           $ev --ckpt "$ms_ckpt" --steps 30 --grid "$runs/${name}_ms30.png"
   echo "== multi-step model, 30 steps, order 2 (Heun: 15 grid points, 29 model calls)"
   $ev --ckpt "$ms_ckpt" --steps 30 --order 2
+  echo "== multi-step model, 30 steps, extrapol_ratio 0.5";   $ev --ckpt "$ms_ckpt" --steps 30 --extrapol-ratio 0.5
   echo "== multi-step model, 2 steps";            $ev --ckpt "$ms_ckpt" --steps 2 --grid "$runs/${name}_ms2.png"
   echo "== multi-step model, 2 steps, few-step sampler settings"
   $ev --ckpt "$ms_ckpt" --steps 2 --stochast-ratio 1.0 --rfba-gap-steps 0.001 0.6
