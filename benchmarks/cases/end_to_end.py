@@ -16,9 +16,9 @@ The published-style step is :func:`ucgm_fast.reference.training_loss` (the publi
 per-parameter ``nan_to_num``, ``torch.optim.AdamW`` with its defaults and a per-parameter EMA loop.
 ucgm_fast's step is what ``ucgm-train`` runs: ``UCGM.loss`` (fused kernels, the two passes as one
 batch of 2B), ``FlatGrads`` (backward into one buffer, nan/inf zeroing in one kernel), fused AdamW,
-``UCGM.update_target`` and the multi-tensor EMA. t and z are given (their draws are excluded from both), the learning rate is 0 (the optimizer
-does the same work at any rate) so every repeat sees the same weights and each row's loss is
-checked against the float64 reference loss. On CUDA both steps run under bf16 autocast, as in
+``UCGM.update_target`` and the multi-tensor EMA. t and z are given (their draws are excluded from
+both), the learning rate is 0 (the optimizer does the same work at any rate) so every repeat sees
+the same weights and each row's loss is checked against the float64 reference loss. On CUDA both steps run under bf16 autocast, as in
 training, so their loss is only checked loosely against the float64 one.
 
 Sampling rows are checked against the published loop itself (float64 state, the same model): the
@@ -145,14 +145,11 @@ def _train_workload(plan: Plan, name: str, shape: tuple, variant: str, compiled:
     t = plan.times(B, gen)
     y = torch.randint(0, NUM_CLASSES, (B,), generator=gen, device=plan.device)
     model = live_model(name, shape[1:], plan.device, smallest)
-    o = OBJECTIVES[variant]
-    ucgm = UCGM(transport="Linear", consistency_ratio=o["consistency_ratio"], enhanced_ratio=o["enhanced_ratio"],
-                label_drop_ratio=0.1, huber_eps=o["huber_eps"], time_weighting=o["time_weighting"],
-                target_ema_decay=o["target_ema_decay"])
+    kw = _reference_kw(variant)
+    ucgm = UCGM(**kw, target_ema_decay=OBJECTIVES[variant]["target_ema_decay"])
     # With lr = 0 the weights never move, so both steps share one model (and one compiled module);
     # each owns its optimizer state, EMA and target network.
     net = torch.compile(model, dynamic=False) if compiled else model
-    kw = _reference_kw(variant)
     published = PublishedStep(model, net, kw)
     fused = FusedStep(model, net, ucgm)
 
