@@ -52,25 +52,33 @@ int enhance_target_cpu(int data_dtype, int model_dtype, const void* x, const voi
     const C e = C(ratio), clo = C(lo), chi = C(hi);
     for_each_row_segment(rows, row_size, [&](int64_t row, int64_t i0, int64_t i1) {
       const EnhanceRow<C> r = enhance_row<C>(transport, row, rows, ndrop, pt[row * t_stride], clo, chi);
-      if (emit_target) {
-        C* __restrict__ o = static_cast<C*>(out1);
-        for (int64_t i = i0; i < i1; ++i) {
-          C xt, zt;
-          enhance_element<C>(r, e, load<C>(px[i]), load<C>(pz[i]), load<C>(pw[i]),
-                             has_wo ? load<C>(pwo[i]) : C(0), has_wo, xt, zt);
-          o[i] = r.k.alpha_to * zt + r.k.gamma_to * xt;
-        }
-      } else {
-        SD* __restrict__ o1 = static_cast<SD*>(out1);
-        SD* __restrict__ o2 = static_cast<SD*>(out2);
-        for (int64_t i = i0; i < i1; ++i) {
-          C xt, zt;
-          enhance_element<C>(r, e, load<C>(px[i]), load<C>(pz[i]), load<C>(pw[i]),
-                             has_wo ? load<C>(pwo[i]) : C(0), has_wo, xt, zt);
-          o1[i] = store<SD>(xt);
-          o2[i] = store<SD>(zt);
-        }
-      }
+      // Rule and has_wo as compile-time constants make the loops branch-free, so they vectorize:
+      // 3-4x fewer ns per element than one loop testing both (single core, cache-resident).
+      with_constant<3>(r.rule, [&](auto rule) {
+        with_constant<2>(has_wo, [&](auto wo) {
+          if (emit_target) {
+            C* __restrict__ o = static_cast<C*>(out1);
+#pragma omp simd
+            for (int64_t i = i0; i < i1; ++i) {
+              C xt, zt;
+              enhance_element<C>(r, rule.value, e, load<C>(px[i]), load<C>(pz[i]), load<C>(pw[i]),
+                                 wo.value ? load<C>(pwo[i]) : C(0), wo.value, xt, zt);
+              o[i] = r.k.alpha_to * zt + r.k.gamma_to * xt;
+            }
+          } else {
+            SD* __restrict__ o1 = static_cast<SD*>(out1);
+            SD* __restrict__ o2 = static_cast<SD*>(out2);
+#pragma omp simd
+            for (int64_t i = i0; i < i1; ++i) {
+              C xt, zt;
+              enhance_element<C>(r, rule.value, e, load<C>(px[i]), load<C>(pz[i]), load<C>(pw[i]),
+                                 wo.value ? load<C>(pwo[i]) : C(0), wo.value, xt, zt);
+              o1[i] = store<SD>(xt);
+              o2[i] = store<SD>(zt);
+            }
+          }
+        });
+      });
     });
     return int(kOk);
   });

@@ -7,11 +7,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #include "../ucgm/common.h"
+#include "../ucgm/transport.h"
 
 namespace ucgm {
 
@@ -42,19 +44,19 @@ void for_each_row_segment(int64_t rows, int64_t row_size, F&& f) {
   }
 }
 
-// Calls f(std::integral_constant<int, transport>{}): a loop written inside f is compiled once per
-// transport with the coefficient switch of transport.h resolved at compile time.
-template <typename F>
-void with_transport(int transport, F&& f) {
-  switch (transport) {
-    case 0: f(std::integral_constant<int, 0>{}); break;
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    default: f(std::integral_constant<int, 5>{}); break;
-  }
+// Calls f(std::integral_constant<int, v>{}) for a runtime v in [0, N): a loop written inside f is
+// compiled once per value, so per-row switches (transport, enhance rule) fold away and the loop
+// vectorizes. v outside [0, N) calls nothing: callers validate first.
+template <typename F, int... Vs>
+void with_constant_of(int v, F&& f, std::integer_sequence<int, Vs...>) {
+  ((v == Vs ? (f(std::integral_constant<int, Vs>{}), true) : false) || ...);
 }
+
+template <int N, typename F>
+void with_constant(int v, F&& f) { with_constant_of(v, f, std::make_integer_sequence<int, N>{}); }
+
+template <typename F>
+void with_transport(int transport, F&& f) { with_constant<kNumTransports>(transport, f); }
 
 // Calls f(S{}, C{}) with the storage type S of dtype and its compute type C.
 template <typename F>

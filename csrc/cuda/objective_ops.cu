@@ -58,7 +58,7 @@ __global__ void enhance_kernel(const SD* __restrict__ x, const SD* __restrict__ 
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       C xt, zt;
-      enhance_element<C>(r, ratio, load<C>(vx.x[k]), load<C>(vz.x[k]), load<C>(vw.x[k]),
+      enhance_element<C>(r, r.rule, ratio, load<C>(vx.x[k]), load<C>(vz.x[k]), load<C>(vw.x[k]),
                          fwo ? load<C>(vwo.x[k]) : C(0), fwo != nullptr, xt, zt);
       ot.x[k] = r.k.alpha_to * zt + r.k.gamma_to * xt;
       o1.x[k] = store<SD>(xt);

@@ -46,17 +46,18 @@ UCGM_HD void decode_pred(const Coeffs<C>& k, C inv_den, C x_t, C F, C& x_hat, C&
   z_hat = (x_t * k.gamma_to - F * k.gamma_in) * inv_den;
 }
 
-// One element of the enhanced target. With has_wo = false the "without" prediction is the
+// One element of the enhanced target under the row's rule (r.rule, passed apart so the CPU loop
+// can hand in a compile-time constant). With has_wo = false the "without" prediction is the
 // unmodified target itself (x, z), the lambda > 0 form of the rule.
 template <typename C>
-UCGM_HD void enhance_element(const EnhanceRow<C>& r, C ratio, C x, C z, C F_w, C F_wo, bool has_wo, C& x_tar,
-                             C& z_tar) {
+UCGM_HD void enhance_element(const EnhanceRow<C>& r, int rule, C ratio, C x, C z, C F_w, C F_wo, bool has_wo,
+                             C& x_tar, C& z_tar) {
   const C x_t = r.k.alpha_in * z + r.k.gamma_in * x;
   C xw, zw, xwo = x, zwo = z;
   decode_pred(r.k, r.inv_den, x_t, F_w, xw, zw);
   if (has_wo) decode_pred(r.k, r.inv_den, x_t, F_wo, xwo, zwo);
-  x_tar = enhance_value(r.rule, x, xw, xwo, ratio);
-  z_tar = enhance_value(r.rule, z, zw, zwo, ratio);
+  x_tar = enhance_value(rule, x, xw, xwo, ratio);
+  z_tar = enhance_value(rule, z, zw, zwo, ratio);
 }
 
 // ---- finite-difference tangent and consistency target -------------------------------------------
