@@ -49,9 +49,10 @@ def test_smallest_every_case_runs_and_is_checked(tmp_path, capsys, device):
         if r["group"] == "transport":
             assert r["max_rel_err"] <= 2e-6, r
         assert r["device"] == device
-        # op rows move a known number of bytes; a training step or a sampling run does not
-        assert (r["gbps"] is None) == (r["group"] == "end_to_end"), r
+        # op rows move a known number of bytes; a training step, a sampling run or the whole objective does not
+        assert (r["gbps"] is None) == (r["group"] == "end_to_end" or r["op"] == "objective"), r
         assert r["gbps"] is None or r["gbps"] > 0
+    assert {r["variant"] for r in rows if r["op"] == "objective"} == {"Linear,lambda=0", "Linear,lambda=1,enhanced"}
     e2e = {r["op"] + "/" + r["variant"].split(",")[1] for r in rows if r["group"] == "end_to_end"}
     assert e2e == {"train_step/lambda=0", "train_step/lambda=1", "sample/steps=2", "sample/steps=30"}
     assert result["copy_bandwidth"]["gbps"] > 0

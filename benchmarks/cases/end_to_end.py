@@ -37,11 +37,11 @@ import ucgm_fast
 from ucgm_fast import UCGM, reference, sampler_noise  # ImportError (group skipped) before the objective and sampler land
 from ucgm_fast.models import get_model
 from ucgm_fast.optim import EMA, FlatGrads, make_optimizer
+from cases.objective import NUM_CLASSES, OBJECTIVES, reference_kw
 from harness.case import Case, Plan, Workload
 from harness.timing import Budget
 
 GROUP = "end_to_end"
-NUM_CLASSES = 1000
 SEED = 7
 EMA_DECAY = 0.9999
 # (model, data shape) per device. CPU sizes keep a row to seconds on 2 cores.
@@ -50,13 +50,6 @@ TRAIN = {"cpu": (("DiT-S/2", (8, 4, 16, 16)),),
 SAMPLE = {"cpu": ("DiT-S/2", (4, 8, 8)), "cuda": ("DiT-XL/2", (4, 32, 32))}
 SAMPLE_RUNS = ((2, 1), (30, 1), (2, 64), (30, 64))  # (steps, batch)
 SMALLEST = {"depth": 2, "hidden_size": 64, "num_heads": 2}
-# lambda = 0: flow matching; lambda = 1 with enhancement: the few-step recipe (the example UCGM).
-OBJECTIVES = {
-    "lambda=0": dict(consistency_ratio=0.0, enhanced_ratio=0.0, huber_eps=0.0, time_weighting=None,
-                     target_ema_decay=0.999),
-    "lambda=1,enhanced": dict(consistency_ratio=1.0, enhanced_ratio=2.0, huber_eps=5.0,
-                              time_weighting="cosine", target_ema_decay=1.0),
-}
 # A step or a sampling run lasts up to seconds: a few repeats after one warm-up call.
 BUDGET = Budget(warmup_s=0.0, sample_s=0.0, total_s=5.0, min_repeats=3, max_repeats=5)
 SMOKE = Budget(warmup_s=0.0, sample_s=0.0, total_s=0.0, min_repeats=2, max_repeats=2)
@@ -130,12 +123,6 @@ class FusedStep:
         return loss.detach()
 
 
-def _reference_kw(variant: str) -> dict:
-    o = OBJECTIVES[variant]
-    return dict(transport="Linear", consistency_ratio=o["consistency_ratio"], enhanced_ratio=o["enhanced_ratio"],
-                label_drop_ratio=0.1, huber_eps=o["huber_eps"], time_weighting=o["time_weighting"])
-
-
 def _train_workload(plan: Plan, name: str, shape: tuple, variant: str, compiled: bool) -> Workload:
     smallest = plan.smallest
     gen = plan.generator("train_step", name, shape, variant)
@@ -145,7 +132,7 @@ def _train_workload(plan: Plan, name: str, shape: tuple, variant: str, compiled:
     t = plan.times(B, gen)
     y = torch.randint(0, NUM_CLASSES, (B,), generator=gen, device=plan.device)
     model = live_model(name, shape[1:], plan.device, smallest)
-    kw = _reference_kw(variant)
+    kw = reference_kw(variant)
     ucgm = UCGM(**kw, target_ema_decay=OBJECTIVES[variant]["target_ema_decay"])
     # With lr = 0 the weights never move, so both steps share one model (and one compiled module);
     # each owns its optimizer state, EMA and target network.

@@ -1,8 +1,13 @@
-"""Objective ops: enhance_target, fd_target and ucgm_loss (forward + backward).
+"""Objective ops: enhance_target, fd_target and ucgm_loss (forward + backward), and the whole objective.
 
 The work of a training step outside the model calls. enhance_target reads x, z and the model
 outputs and writes (x_tar, z_tar); fd_target reads F_t, F_a, F_b, x, z and writes the target in
 the compute dtype; ucgm_loss is timed forward then backward (grad with respect to F).
+
+``objective/<lambda>``: all of it at once, forward then backward: ``UCGM.loss`` vs the
+published-style ``reference.training_loss`` (boolean-mask enhancement, two finite-difference
+passes) and torch.compile of it, with a one-multiply model (F = a x_t, kept out of the compiled
+graph like a network's calls) so the row times the objective, not a network. t and z are given; the labels' last 10% are dropped.
 """
 from __future__ import annotations
 
@@ -23,7 +28,23 @@ ENHANCED_RANGE = (0.0, 0.75)
 ENHANCE = {"lambda=0": (True, 0.5), "lambda=1": (False, 2.0)}
 FD = {"lambda=1": 1.0, "lambda=0.5": 0.5}
 LOSS = {"huber=0": (0.0, False, False), "huber=5,cosine,tw": (5.0, True, True)}
-QUICK = {"enhance_target": "lambda=0", "fd_target": "lambda=1", "ucgm_loss": "huber=0"}
+# The two objectives of the end-to-end rows: flow matching, and the few-step recipe (the issue's example UCGM).
+OBJECTIVES = {
+    "lambda=0": dict(consistency_ratio=0.0, enhanced_ratio=0.0, huber_eps=0.0, time_weighting=None,
+                     target_ema_decay=0.999),
+    "lambda=1,enhanced": dict(consistency_ratio=1.0, enhanced_ratio=2.0, huber_eps=5.0,
+                              time_weighting="cosine", target_ema_decay=1.0),
+}
+QUICK = {"enhance_target": "lambda=0", "fd_target": "lambda=1", "ucgm_loss": "huber=0",
+         "objective": "lambda=1,enhanced"}
+NUM_CLASSES = 1000
+
+
+def reference_kw(variant: str) -> dict:
+    """Keyword arguments shared by ``UCGM`` and ``reference.training_loss`` for an OBJECTIVES variant."""
+    o = OBJECTIVES[variant]
+    return dict(transport="Linear", consistency_ratio=o["consistency_ratio"], enhanced_ratio=o["enhanced_ratio"],
+                label_drop_ratio=LABEL_DROP, huber_eps=o["huber_eps"], time_weighting=o["time_weighting"])
 
 
 def _data(plan: Plan, salt, shape, dtype, count):
@@ -78,8 +99,47 @@ def _loss_workload(plan, variant, transport, shape, dtype) -> Workload:
                     nbytes=5 * F.numel() * F.element_size(), grad=True, around=_around_value_and_grad)
 
 
+class ScaleModel(torch.nn.Module):
+    """F = a x_t: the cheapest model the objective accepts (one multiply per call, one parameter)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.a = torch.nn.Parameter(torch.tensor(0.9))
+
+    # Opaque to torch.compile, as a network is: the compile peer compiles the objective around the
+    # model calls, and cannot fuse the model's one multiply into them.
+    @torch.compiler.disable
+    def forward(self, x, t, y):
+        return x * self.a
+
+
+def _objective_value_and_grad(loss_fn, model, x, y, t, z):
+    loss = loss_fn(model, x, y, t, z)
+    (grad,) = torch.autograd.grad(loss, model.a)
+    return loss.detach(), grad
+
+
+def _objective_workload(plan, variant, transport, shape, dtype) -> Workload:
+    (x, z), t = _data(plan, ("objective", variant, shape, str(dtype)), shape, dtype, 2)
+    y = torch.randint(0, NUM_CLASSES, (shape[0],), generator=plan.generator("labels", shape), device=plan.device)
+    model = ScaleModel(NUM_CLASSES).to(plan.device)
+    kw = reference_kw(variant)
+    ucgm = ucgm_fast.UCGM(**kw, target_ema_decay=OBJECTIVES[variant]["target_ema_decay"])
+
+    def published(m, x, y, t, z):
+        return reference.training_loss(m, x, y, t, z, target_model=m, null_class=NUM_CLASSES, **kw)
+
+    def oracle():
+        m64 = ScaleModel(NUM_CLASSES).double().to(plan.device)
+        return _objective_value_and_grad(published, m64, *to_float64((x,)), y, *to_float64((t, z)))
+
+    return Workload(args=(model, x, y, t, z), eager=published, fused=lambda m, *a: ucgm.loss(m, *a), oracle=oracle,
+                    grad=True, around=lambda f: partial(_objective_value_and_grad, f))
+
+
 BUILDERS = {"enhance_target": (ENHANCE, _enhance_workload), "fd_target": (FD, _fd_workload),
-            "ucgm_loss": (LOSS, _loss_workload)}
+            "ucgm_loss": (LOSS, _loss_workload), "objective": (OBJECTIVES, _objective_workload)}
 
 
 def cases(plan: Plan):
@@ -88,9 +148,11 @@ def cases(plan: Plan):
         for variant in variants:
             if plan.quick and variant != QUICK[op]:
                 continue
-            for transport in (transports if op != "ucgm_loss" else ("Linear",)):
+            for transport in (transports if op in ("enhance_target", "fd_target") else ("Linear",)):
                 label = variant if op == "ucgm_loss" else f"{transport},{variant}"
                 for size, shape in plan.data_shapes():
+                    if op == "objective" and size == "smallest":
+                        shape = (10,) + shape[1:]  # round(0.1 * B) must drop a label
                     for dtype in plan.dtypes:
                         if plan.quick and dtype != torch.float32:
                             continue
