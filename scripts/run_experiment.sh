@@ -6,7 +6,7 @@
 set -euo pipefail
 name="${1:-digits}"; runs="${2:-runs}"; shift $(( $# > 2 ? 2 : $# )) || true
 py="${PYTHON:-python}"
-ev="$py -m ucgm_fast.eval_cli --repeats ${REPEATS:-3}"
+ev="$py -m ucgm_fast.eval_cli --repeats ${REPEATS:-6}"
 ms="$runs/${name}_multistep"; fs="$runs/${name}_fewstep"
 log="$runs/${name}_results.txt"; mkdir -p "$runs"; : > "$log"
 
@@ -20,10 +20,10 @@ fs_ckpt=$(ls "$fs"/checkpoints/*.pt | sort | tail -1)
 
 {
   echo "multi-step training: $((t1 - t0)) s wall ($ms_ckpt); few-step tuning: $((t2 - t1)) s wall ($fs_ckpt)"
-  # FD of 1000 samples moves by ~10% between sample sets: each figure is the mean of $REPEATS sets.
-  echo "== multi-step model, 30 steps";           $ev --ckpt "$ms_ckpt" --steps 30 --grid "$runs/${name}_ms30.png"
+  # FD of 1000 samples moves by ~10% between sample sets: each figure is the mean of $REPEATS sets (default 6).
   echo "== multi-step model, 30 steps, order 2 (Heun: 15 grid points, 29 model calls)"
-  $ev --ckpt "$ms_ckpt" --steps 30 --order 2
+  $ev --ckpt "$ms_ckpt" --steps 30 --order 2 --grid "$runs/${name}_ms30.png"
+  echo "== multi-step model, 30 steps, order 1 (Euler)"; $ev --ckpt "$ms_ckpt" --steps 30 --order 1
   echo "== multi-step model, 30 steps, extrapol_ratio 0.5";   $ev --ckpt "$ms_ckpt" --steps 30 --extrapol-ratio 0.5
   echo "== multi-step model, 2 steps";            $ev --ckpt "$ms_ckpt" --steps 2 --grid "$runs/${name}_ms2.png"
   echo "== multi-step model, 2 steps, few-step sampler settings"
