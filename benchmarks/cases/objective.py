@@ -7,7 +7,8 @@ the compute dtype; ucgm_loss is timed forward then backward (grad with respect t
 ``objective/<lambda>``: all of it at once, forward then backward: ``UCGM.loss`` vs the
 published-style ``reference.training_loss`` (boolean-mask enhancement, two finite-difference
 passes) and torch.compile of it, with a one-multiply model (F = a x_t, kept out of the compiled
-graph like a network's calls) so the row times the objective, not a network. t and z are given; the labels' last 10% are dropped.
+graph like a network's calls) so the row times the objective, not a network. t and z are given;
+the labels' last 10% are dropped.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ ENHANCED_RANGE = (0.0, 0.75)
 ENHANCE = {"lambda=0": (True, 0.5), "lambda=1": (False, 2.0)}
 FD = {"lambda=1": 1.0, "lambda=0.5": 0.5}
 LOSS = {"huber=0": (0.0, False, False), "huber=5,cosine,tw": (5.0, True, True)}
-# The two objectives of the end-to-end rows: flow matching, and the few-step recipe (the issue's example UCGM).
+# The objectives of the objective and end-to-end rows: flow matching, and the few-step recipe (the issue's example).
 OBJECTIVES = {
     "lambda=0": dict(consistency_ratio=0.0, enhanced_ratio=0.0, huber_eps=0.0, time_weighting=None,
                      target_ema_decay=0.999),
