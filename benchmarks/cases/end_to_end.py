@@ -7,9 +7,9 @@ Columns of these rows (they differ from the op rows: no torch.compile of a refer
 * ``train_step/<model>,<lambda>,model=compiled``: the pair that matters to users who compile
   their model: the same two steps, both with the model under torch.compile (one compiled module
   serves both; the learning rate is 0, see below).
-* ``sample/<model>,steps=N`` (batch 1 and 64, in the shape): eager = the published sampling loop (float64 state, Python-scalar
-  coefficients), fused = ``ucgm_fast.sample`` (float32 state); on CUDA the ``cuda_graph`` peer
-  replays the whole loop as one CUDA graph.
+* ``sample/<model>,steps=N`` (batch 1 and 64, in the shape): eager = the published sampling loop
+  (float64 state, Python-scalar coefficients), fused = ``ucgm_fast.sample`` (float32 state); on
+  CUDA the ``cuda_graph`` peer replays the whole loop as one CUDA graph.
 
 The published-style step is :func:`ucgm_fast.reference.training_loss` (the published
 ``training_step`` order: boolean-mask enhancement, two separate finite-difference passes) then
@@ -18,8 +18,9 @@ ucgm_fast's step is what ``ucgm-train`` runs: ``UCGM.loss`` (fused kernels, the 
 batch of 2B), ``FlatGrads`` (backward into one buffer, nan/inf zeroing in one kernel), fused AdamW,
 ``UCGM.update_target`` and the multi-tensor EMA. t and z are given (their draws are excluded from
 both), the learning rate is 0 (the optimizer does the same work at any rate) so every repeat sees
-the same weights and each row's loss is checked against the float64 reference loss. On CUDA both steps run under bf16 autocast, as in
-training, so their loss is only checked loosely against the float64 one.
+the same weights and each row's loss is checked against the float64 reference loss. On CUDA both
+steps run under bf16 autocast, as in training, so their loss is only checked loosely against the
+float64 one.
 
 Sampling rows are checked against the published loop itself (float64 state, the same model): the
 eager peer is handed noise drawn beforehand (the Philox stream ucgm_fast draws inside its kernel),
