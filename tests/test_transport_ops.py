@@ -108,6 +108,39 @@ def test_decode_inverts_interpolate(device, transport):
     assert rel_err(x_hat, x) < 1e-10 and rel_err(z_hat, z) < 1e-10
 
 
+def all_16bit_values(dtype, device):
+    """Every float16 / bfloat16 bit pattern (NaNs, infinities, subnormals, both zeros) as a tensor."""
+    return torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype).to(device)
+
+
+def same_bits(a, b):
+    """a and b hold the same values bit for bit, except that any NaN matches any NaN."""
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan].view(torch.int16), b[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_conversions_round_trip(device, dtype):
+    """At t = 0 (Linear) x_t = 1 x + 0 z: every 16-bit value survives widening and narrowing exactly
+    (zeros come out +0, as x + 0 does)."""
+    x = all_16bit_values(dtype, device)
+    x_t, target = ucgm_fast.interpolate(x, torch.zeros_like(x), 0.0, "Linear")
+    assert same_bits(x_t, x + 0.0) and same_bits(target, 0.0 - x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_conversions_round_like_torch(dtype):
+    """CPU: float32 results narrow to 16 bits exactly as torch's .to(dtype) does (nearest even, overflow
+    to inf, subnormals, NaN), over every input bit pattern, at several times."""
+    x = all_16bit_values(dtype, "cpu")
+    z = x.roll(12345)
+    for t in (0.3, 0.5, 0.999):
+        tt = torch.tensor(t, dtype=torch.float32)
+        x_t, target = ucgm_fast.interpolate(x, z, t, "Linear")
+        assert same_bits(x_t, ((1 - tt) * x.float() + tt * z.float()).to(dtype))
+        assert same_bits(target, (z.float() - x.float()).to(dtype))
+
+
 @pytest.mark.parametrize("op", ["interpolate", "decode"])
 @pytest.mark.parametrize("transport", ["Linear", "EDM", "Random"])
 def test_gradcheck(device, op, transport):
