@@ -1,10 +1,5 @@
 // CPU kernels of the training-objective ops: one pass over memory each, per-row constants computed
 // once per row segment (cpu/parallel.h), the math from ucgm/objective.h.
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC if-converts the NaN-keeping clamp / per-row selects into vector blends only when compares
-// may not trap; nothing here reads FP exception flags, so results are unchanged (3x faster fd_target).
-#pragma GCC optimize("no-trapping-math")
-#endif
 #include "../ucgm/objective_ops.h"
 
 #include <cmath>

@@ -43,33 +43,30 @@ inline BFloat16 to_bf16(float f) {
 }
 inline float from_bf16(BFloat16 h) { return bits_float(static_cast<uint32_t>(h.bits) << 16); }
 
-// IEEE binary16 <-> binary32, round-to-nearest-even, subnormals and inf/NaN handled.
+// IEEE binary16 <-> binary32, round-to-nearest-even, subnormals and inf/NaN handled. Every case is
+// computed and the answer selected, without branches, so loops over float16 data vectorize.
 inline float from_half(Half h) {
   const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
-  uint32_t exp = (h.bits >> 10) & 0x1fu, man = h.bits & 0x3ffu;
-  if (exp == 0x1f) return bits_float(sign | 0x7f800000u | (man << 13));
-  if (exp == 0) {
-    if (man == 0) return bits_float(sign);
-    // Subnormal: value = man * 2^-24, exact in float32.
-    float v = static_cast<float>(man) * 5.9604644775390625e-8f;
-    return sign ? -v : v;
-  }
-  return bits_float(sign | ((exp + 112u) << 23) | (man << 13));
+  const uint32_t em = static_cast<uint32_t>(h.bits & 0x7fffu) << 13;  // exponent and mantissa, float-aligned
+  const uint32_t exp = em & 0x0f800000u;
+  // Normal: rebias the exponent by 127 - 15; inf/NaN: by 112 more, to the all-ones exponent.
+  const uint32_t normal = em + (exp == 0x0f800000u ? 0x70000000u : 0x38000000u);
+  // Zero or subnormal: man * 2^-24, exactly (2^-14 (1 + man 2^-10)) - 2^-14.
+  const float sub = bits_float(em + 0x38800000u) - 6.103515625e-05f;
+  return bits_float(sign | (exp == 0 ? float_bits(sub) : normal));
 }
 inline Half to_half(float f) {
   uint32_t u = float_bits(f);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
   u &= 0x7fffffffu;
-  if (u > 0x7f800000u) return Half{static_cast<uint16_t>(sign | 0x7e00u)};        // NaN
-  if (u >= 0x47800000u) return Half{static_cast<uint16_t>(sign | 0x7c00u)};       // >= 2^16 -> inf
-  if (u < 0x38800000u) {                                                          // subnormal or zero
-    // Adding 0.5 (2^-1) shifts the mantissa so the FPU does the rounding for us.
-    float r = bits_float(u) + 0.5f;
-    return Half{static_cast<uint16_t>(sign | static_cast<uint16_t>(float_bits(r) - 0x3f000000u))};
-  }
-  uint32_t man_odd = (u >> 13) & 1u;
-  u += 0xc8000fffu + man_odd;  // rebias exponent (-112 << 23) and round to nearest even
-  return Half{static_cast<uint16_t>(sign | static_cast<uint16_t>(u >> 13))};
+  // Normal: rebias the exponent (-112 << 23) and round to nearest even on the 13 dropped bits.
+  const uint32_t normal = (u + 0xc8000fffu + ((u >> 13) & 1u)) >> 13;
+  // Subnormal or zero: adding 0.5 (2^-1) shifts the mantissa so the FPU does the rounding.
+  const uint32_t sub = float_bits(bits_float(u) + 0.5f) - 0x3f000000u;
+  uint32_t r = u < 0x38800000u ? sub : normal;
+  r = u >= 0x47800000u ? 0x7c00u : r;  // >= 2^16 -> inf
+  r = u > 0x7f800000u ? 0x7e00u : r;   // NaN
+  return Half{static_cast<uint16_t>(sign | r)};
 }
 
 // Loads widen a stored value to the compute type C; stores narrow it back.
