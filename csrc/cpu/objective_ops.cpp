@@ -51,13 +51,16 @@ int enhance_target_cpu(int data_dtype, int model_dtype, const void* x, const voi
       // 3-4x fewer ns per element than one loop testing both (single core, cache-resident).
       with_constant<3>(r.rule, [&](auto rule) {
         with_constant<2>(has_wo, [&](auto wo) {
+          const auto element = [&](int64_t i, C& xt, C& zt) {
+            enhance_element<C>(r, rule.value, e, load<C>(px[i]), load<C>(pz[i]), load<C>(pw[i]),
+                               wo.value ? load<C>(pwo[i]) : C(0), wo.value, xt, zt);
+          };
           if (emit_target) {
             C* __restrict__ o = static_cast<C*>(out1);
 #pragma omp simd
             for (int64_t i = i0; i < i1; ++i) {
               C xt, zt;
-              enhance_element<C>(r, rule.value, e, load<C>(px[i]), load<C>(pz[i]), load<C>(pw[i]),
-                                 wo.value ? load<C>(pwo[i]) : C(0), wo.value, xt, zt);
+              element(i, xt, zt);
               o[i] = r.k.alpha_to * zt + r.k.gamma_to * xt;
             }
           } else {
@@ -66,8 +69,7 @@ int enhance_target_cpu(int data_dtype, int model_dtype, const void* x, const voi
 #pragma omp simd
             for (int64_t i = i0; i < i1; ++i) {
               C xt, zt;
-              enhance_element<C>(r, rule.value, e, load<C>(px[i]), load<C>(pz[i]), load<C>(pw[i]),
-                                 wo.value ? load<C>(pwo[i]) : C(0), wo.value, xt, zt);
+              element(i, xt, zt);
               o1[i] = store<SD>(xt);
               o2[i] = store<SD>(zt);
             }
