@@ -35,10 +35,10 @@ from functools import partial
 import torch
 
 import ucgm_fast
-from ucgm_fast import UCGM, reference, sampler_noise  # ImportError (group skipped) before the objective and sampler land
+from ucgm_fast import reference, sampler_noise  # ImportError (group skipped) before the objective and sampler land
 from ucgm_fast.models import get_model
 from ucgm_fast.optim import EMA, FlatGrads, make_optimizer
-from cases.objective import NUM_CLASSES, OBJECTIVES, reference_kw
+from cases.objective import NUM_CLASSES, OBJECTIVES, make_ucgm, reference_kw
 from harness.case import Case, Plan, Workload
 from harness.timing import Budget
 
@@ -134,7 +134,7 @@ def _train_workload(plan: Plan, name: str, shape: tuple, variant: str, compiled:
     y = torch.randint(0, NUM_CLASSES, (B,), generator=gen, device=plan.device)
     model = live_model(name, shape[1:], plan.device, smallest)
     kw = reference_kw(variant)
-    ucgm = UCGM(**kw, target_ema_decay=OBJECTIVES[variant]["target_ema_decay"])
+    ucgm = make_ucgm(variant)
     # With lr = 0 the weights never move, so both steps share one model (and one compiled module);
     # each owns its optimizer state, EMA and target network.
     net = torch.compile(model, dynamic=False) if compiled else model

@@ -48,6 +48,11 @@ def reference_kw(variant: str) -> dict:
                 label_drop_ratio=LABEL_DROP, huber_eps=o["huber_eps"], time_weighting=o["time_weighting"])
 
 
+def make_ucgm(variant: str) -> ucgm_fast.UCGM:
+    """The ``UCGM`` of an OBJECTIVES variant: :func:`reference_kw` plus its target EMA decay."""
+    return ucgm_fast.UCGM(**reference_kw(variant), target_ema_decay=OBJECTIVES[variant]["target_ema_decay"])
+
+
 def _data(plan: Plan, salt, shape, dtype, count):
     gen = plan.generator(*salt)
     return [plan.randn(shape, dtype, gen) for _ in range(count)], plan.times(shape[0], gen)
@@ -126,7 +131,7 @@ def _objective_workload(plan, variant, transport, shape, dtype) -> Workload:
     y = torch.randint(0, NUM_CLASSES, (shape[0],), generator=plan.generator("labels", shape), device=plan.device)
     model = ScaleModel(NUM_CLASSES).to(plan.device)
     kw = reference_kw(variant)
-    ucgm = ucgm_fast.UCGM(**kw, target_ema_decay=OBJECTIVES[variant]["target_ema_decay"])
+    ucgm = make_ucgm(variant)
 
     def published(m, x, y, t, z):
         return reference.training_loss(m, x, y, t, z, target_model=m, null_class=NUM_CLASSES, **kw)

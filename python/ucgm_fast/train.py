@@ -5,8 +5,9 @@
 
 One step: UCGM loss (bf16 autocast on CUDA) -> backward into one flat gradient buffer -> nan/inf
 zeroing + clipping (a kernel each, no host sync) -> fused AdamW -> multi-tensor EMA. Rank 0 logs
-(tqdm, metrics.jsonl), writes atomic checkpoints every ``train.ckpt_every`` steps (last ``train.keep_last`` kept), sample
-grids every ``train.sample_every`` steps and at the end, and a loss curve at the end.
+(tqdm, metrics.jsonl), writes atomic checkpoints every ``train.ckpt_every`` steps (last
+``train.keep_last`` kept), sample grids every ``train.sample_every`` steps and at the end, and a
+loss curve at the end.
 ``--resume`` continues bit-for-bit: the checkpoint holds model, EMA, optimizer, the objective's
 state (target network), every rank's RNG state, and the step (which fixes the data order).
 """
