@@ -9,9 +9,11 @@
 
 #include "ucgm/common.h"
 #include "ucgm/transport_ops.h"
+#include "ucgm/objective.h"
 #include "ucgm/objective_ops.h"
 #include "ucgm/philox.h"
 #include "ucgm/sampler_ops.h"
+#include "cpu/isa.h"
 
 namespace py = pybind11;
 using ptr = std::uintptr_t;
@@ -54,7 +56,22 @@ py::dict build_info() {
   d["sanitize"] = false;
 #endif
   d["compiler"] = UCGM_CXX_COMPILER;
+  py::list isas;
+  for (int i : {ucgm::kIsaBase, ucgm::kIsaAvx2})
+    if (ucgm::cpu_isa_supported(i)) isas.append(ucgm::kIsaNames[i]);
+  d["cpu_isas"] = isas;
+  d["cpu_isa"] = ucgm::kIsaNames[ucgm::cpu_isa().load()];
   return d;
+}
+
+// Selects the build of the CPU kernels by name; returns the previous one's name.
+std::string set_cpu_isa(const std::string& name) {
+  for (int i : {ucgm::kIsaBase, ucgm::kIsaAvx2}) {
+    if (name != ucgm::kIsaNames[i]) continue;
+    if (!ucgm::cpu_isa_supported(i)) break;
+    return ucgm::kIsaNames[ucgm::cpu_isa().exchange(i)];
+  }
+  throw std::invalid_argument("set_cpu_isa: " + name + " is not built or not supported by this CPU (build_info()['cpu_isas'])");
 }
 
 }  // namespace
@@ -62,13 +79,14 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ucgm_fast compiled kernels (raw-pointer interface; use the ucgm_fast package instead).";
   m.def("build_info", &build_info);
+  m.def("set_cpu_isa", &set_cpu_isa);
   auto gil = py::call_guard<py::gil_scoped_release>();
 
   m.def("mix_cpu", [](int dtype, ptr u, ptr v, ptr t, int64_t ts, ptr o1, ptr o2, int64_t rows, int64_t rs, int tr, int mode) {
-    check(ucgm::mix_cpu(dtype, cp(u), cp(v), cp(t), ts, mp(o1), mp(o2), rows, rs, tr, mode), "mix", false);
+    check(UCGM_CPU(mix_cpu)(dtype, cp(u), cp(v), cp(t), ts, mp(o1), mp(o2), rows, rs, tr, mode), "mix", false);
   }, gil);
   m.def("coefficients_cpu", [](int dtype, ptr t, int64_t n, int tr, ptr ai, ptr gi, ptr at, ptr gt) {
-    check(ucgm::coefficients_cpu(dtype, cp(t), n, tr, mp(ai), mp(gi), mp(at), mp(gt)), "coefficients", false);
+    check(UCGM_CPU(coefficients_cpu)(dtype, cp(t), n, tr, mp(ai), mp(gi), mp(at), mp(gt)), "coefficients", false);
   }, gil);
 
 #ifdef UCGM_WITH_CUDA
@@ -85,27 +103,27 @@ PYBIND11_MODULE(_C, m) {
   m.def("ucgm_loss_workspace_size", &ucgm::ucgm_loss_workspace_size);
   m.def("enhance_target_cpu", [](int dd, int dm, ptr x, ptr z, ptr fw, ptr fwo, ptr t, int64_t ts, ptr o1, ptr o2,
                                  int64_t rows, int64_t rs, int64_t ndrop, double e, double lo, double hi, int tr, int emit) {
-    check(ucgm::enhance_target_cpu(dd, dm, cp(x), cp(z), cp(fw), cp(fwo), cp(t), ts, mp(o1), mp(o2), rows, rs, ndrop, e,
-                                   lo, hi, tr, emit), "enhance_target", false);
+    check(UCGM_CPU(enhance_target_cpu)(dd, dm, cp(x), cp(z), cp(fw), cp(fwo), cp(t), ts, mp(o1), mp(o2), rows, rs, ndrop, e,
+                                       lo, hi, tr, emit), "enhance_target", false);
   }, gil);
   m.def("fd_inputs_cpu", [](int dd, ptr x, ptr z, ptr t, int64_t ts, ptr xo, ptr ro, int64_t rows, int64_t rs,
                             double lam, double eps, int tr) {
-    check(ucgm::fd_inputs_cpu(dd, cp(x), cp(z), cp(t), ts, mp(xo), mp(ro), rows, rs, lam, eps, tr), "fd_inputs", false);
+    check(UCGM_CPU(fd_inputs_cpu)(dd, cp(x), cp(z), cp(t), ts, mp(xo), mp(ro), rows, rs, lam, eps, tr), "fd_inputs", false);
   }, gil);
   m.def("fd_target_cpu", [](int dd, int dm, ptr ft, ptr fa, ptr fb, ptr x, ptr z, ptr t, int64_t ts, ptr o,
                             int64_t rows, int64_t rs, double lam, double eps, int tr) {
-    check(ucgm::fd_target_cpu(dd, dm, cp(ft), cp(fa), cp(fb), cp(x), cp(z), cp(t), ts, mp(o), rows, rs, lam, eps, tr),
+    check(UCGM_CPU(fd_target_cpu)(dd, dm, cp(ft), cp(fa), cp(fb), cp(x), cp(z), cp(t), ts, mp(o), rows, rs, lam, eps, tr),
           "fd_target", false);
   }, gil);
   m.def("ucgm_loss_cpu", [](int df, int dt, ptr f, ptr tg, ptr t, int64_t ts, ptr loss, ptr root, ptr /*ws*/,
                             int64_t rows, int64_t ch, int64_t pos, double h, int cos, int tw) {
-    check(ucgm::ucgm_loss_cpu(df, dt, cp(f), cp(tg), cp(t), ts, mp(loss), mp(root), rows, ch, pos, h, cos, tw),
+    check(UCGM_CPU(ucgm_loss_cpu)(df, dt, cp(f), cp(tg), cp(t), ts, mp(loss), mp(root), rows, ch, pos, h, cos, tw),
           "ucgm_loss", false);
   }, gil);
   m.def("ucgm_loss_backward_cpu", [](int df, int dt, ptr g, ptr f, ptr tg, ptr t, int64_t ts, ptr root, ptr gf,
                                      ptr gt, int64_t rows, int64_t ch, int64_t pos, int cos, int tw) {
-    check(ucgm::ucgm_loss_backward_cpu(df, dt, cp(g), cp(f), cp(tg), cp(t), ts, cp(root), mp(gf), mp(gt), rows, ch,
-                                       pos, cos, tw), "ucgm_loss_backward", false);
+    check(UCGM_CPU(ucgm_loss_backward_cpu)(df, dt, cp(g), cp(f), cp(tg), cp(t), ts, cp(root), mp(gf), mp(gt), rows, ch,
+                                           pos, cos, tw), "ucgm_loss_backward", false);
   }, gil);
 #ifdef UCGM_WITH_CUDA
   m.def("enhance_target_cuda", [](int dd, int dm, ptr x, ptr z, ptr fw, ptr fwo, ptr t, int64_t ts, ptr o1, ptr o2,
@@ -140,11 +158,11 @@ PYBIND11_MODULE(_C, m) {
   // ---- sampler ops (ucgm/sampler_ops.h) ----
   m.def("sampler_step_cpu", [](int sd, int md, ptr F, ptr x, ptr xp, ptr zp, ptr sched, ptr seed, int64_t n, int step,
                                int tr, int mode, ptr xn, ptr xh, ptr zh) {
-    check(ucgm::sampler_step_cpu(sd, md, cp(F), cp(x), mp(xp), mp(zp), cp(sched), cp(seed), n, step, tr, mode, mp(xn),
-                                 mp(xh), mp(zh)), "sampler_step", false);
+    check(UCGM_CPU(sampler_step_cpu)(sd, md, cp(F), cp(x), mp(xp), mp(zp), cp(sched), cp(seed), n, step, tr, mode, mp(xn),
+                                     mp(xh), mp(zh)), "sampler_step", false);
   }, gil);
   m.def("sampler_correct_cpu", [](int sd, int md, ptr F, ptr xn, ptr x, ptr zh, ptr sched, int64_t n, int tr, ptr out) {
-    check(ucgm::sampler_correct_cpu(sd, md, cp(F), cp(xn), cp(x), cp(zh), cp(sched), n, tr, mp(out)), "sampler_correct",
+    check(UCGM_CPU(sampler_correct_cpu)(sd, md, cp(F), cp(xn), cp(x), cp(zh), cp(sched), n, tr, mp(out)), "sampler_correct",
           false);
   }, gil);
   m.def("philox4x32_10", [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
@@ -152,7 +170,7 @@ PYBIND11_MODULE(_C, m) {
     return py::make_tuple(w.v[0], w.v[1], w.v[2], w.v[3]);
   }, "Philox4x32-10 of one counter and key (the raw generator the sampler's noise comes from).");
   m.def("philox_cpu", [](ptr seed, int step, int64_t n, int raw, ptr out) {
-    check(ucgm::philox_cpu(cp(seed), step, n, raw, mp(out)), "philox", false);
+    check(UCGM_CPU(philox_cpu)(cp(seed), step, n, raw, mp(out)), "philox", false);
   }, gil);
 #ifdef UCGM_WITH_CUDA
   m.def("sampler_step_cuda", [](int sd, int md, ptr F, ptr x, ptr xp, ptr zp, ptr sched, ptr seed, int64_t n, int step,

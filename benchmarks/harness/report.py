@@ -96,7 +96,8 @@ def summary_lines(result: dict) -> list[str]:
         f"threads: torch {env['torch_threads']}, usable CPUs {env['cpus_usable']}, "
         f"OMP_NUM_THREADS={env.get('omp_num_threads')}, load average {env.get('load_average_1m')} at start, "
         f"{result.get('load_average_1m_end')} at end" + _load_warning(result),
-        f"ucgm_fast build: OpenMP {build.get('openmp')}, CUDA {build.get('cuda')} "
+        f"ucgm_fast build: OpenMP {build.get('openmp')}, CPU kernels {build.get('cpu_isa')} "
+        f"(of {', '.join(build.get('cpu_isas', []))}), CUDA {build.get('cuda')} "
         f"({build.get('cuda_version')}, archs {build.get('cuda_architectures')})",
     ]
     if copy:

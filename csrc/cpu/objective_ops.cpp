@@ -8,7 +8,7 @@
 #include "../ucgm/objective.h"
 #include "parallel.h"
 
-namespace ucgm {
+UCGM_NAMESPACE_BEGIN
 namespace {
 
 // Calls f(SD{}, SM{}, C{}) for the supported (data, model) storage pairs: equal, or float32 data
@@ -195,8 +195,6 @@ int ucgm_loss_cpu(int f_dtype, int target_dtype, const void* F, const void* targ
   });
 }
 
-int64_t ucgm_loss_workspace_size(int64_t rows, int64_t positions) { return rows * loss_chunks(positions) * 2; }
-
 int ucgm_loss_backward_cpu(int f_dtype, int target_dtype, const void* grad_loss, const void* F,
                            const void* target, const void* t, int64_t t_stride, const void* row_root, void* grad_F,
                            void* grad_target, int64_t rows, int64_t channels, int64_t positions, int cosine,
@@ -265,4 +263,4 @@ int ucgm_loss_backward_cpu(int f_dtype, int target_dtype, const void* grad_loss,
   });
 }
 
-}  // namespace ucgm
+UCGM_NAMESPACE_END

@@ -15,7 +15,7 @@
 #include "../ucgm/common.h"
 #include "../ucgm/transport.h"
 
-namespace ucgm {
+UCGM_NAMESPACE_BEGIN
 
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelGrain = 1 << 15;
@@ -70,4 +70,4 @@ int dispatch_dtype(int dtype, F&& f) {
   }
 }
 
-}  // namespace ucgm
+UCGM_NAMESPACE_END

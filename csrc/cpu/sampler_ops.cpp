@@ -18,7 +18,7 @@
 #include "../ucgm/sampler.h"
 #include "parallel.h"
 
-namespace ucgm {
+UCGM_NAMESPACE_BEGIN
 namespace {
 
 // Elements per noise block: a multiple of 4 (one Philox quad) that keeps the buffer in L1.
@@ -222,4 +222,4 @@ int philox_cpu(const void* seed, int step, int64_t n, int raw, void* out) {
   return kOk;
 }
 
-}  // namespace ucgm
+UCGM_NAMESPACE_END

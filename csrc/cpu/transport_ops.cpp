@@ -4,7 +4,7 @@
 #include "../ucgm/transport.h"
 #include "parallel.h"
 
-namespace ucgm {
+UCGM_NAMESPACE_BEGIN
 
 int mix_cpu(int dtype, const void* u, const void* v, const void* t, int64_t t_stride, void* out1,
             void* out2, int64_t rows, int64_t row_size, int transport, int mode) {
@@ -56,4 +56,4 @@ int coefficients_cpu(int dtype, const void* t, int64_t n, int transport, void* a
   });
 }
 
-}  // namespace ucgm
+UCGM_NAMESPACE_END

@@ -13,7 +13,19 @@
 #define UCGM_HD inline
 #endif
 
-namespace ucgm {
+// The CPU kernel sources are compiled once per instruction set (cpu/isa.h), each build with
+// UCGM_CPU_ISA naming it. Everything those builds instantiate from these headers then lives in an
+// inline namespace of that name: otherwise the linker would keep one copy of each inline function
+// and could hand the baseline build an AVX2 copy. Other sources (binding, CUDA) see plain ucgm::.
+#ifdef UCGM_CPU_ISA
+#define UCGM_NAMESPACE_BEGIN namespace ucgm { inline namespace UCGM_CPU_ISA {
+#define UCGM_NAMESPACE_END } }
+#else
+#define UCGM_NAMESPACE_BEGIN namespace ucgm {
+#define UCGM_NAMESPACE_END }
+#endif
+
+UCGM_NAMESPACE_BEGIN
 
 // Must match ucgm_fast/_dtypes.py.
 enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
@@ -87,4 +99,4 @@ template <> inline BFloat16 store<BFloat16>(float v) { return to_bf16(v); }
 // is out = M(t) [u; v] with M a function of the row's time only.
 template <typename C> struct Mat2 { C a, b, c, d; };
 
-}  // namespace ucgm
+UCGM_NAMESPACE_END

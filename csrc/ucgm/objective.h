@@ -4,7 +4,7 @@
 
 #include "transport.h"
 
-namespace ucgm {
+UCGM_NAMESPACE_BEGIN
 
 // ---- enhanced target ----------------------------------------------------------------------------
 
@@ -156,4 +156,7 @@ inline int64_t loss_chunks(int64_t positions) {
   return positions <= 0 ? 1 : (positions + kLossChunkPositions - 1) / kLossChunkPositions;
 }
 
-}  // namespace ucgm
+// Number of compute-type values of the CUDA loss workspace (the CPU op needs none).
+inline int64_t ucgm_loss_workspace_size(int64_t rows, int64_t positions) { return rows * loss_chunks(positions) * 2; }
+
+UCGM_NAMESPACE_END

@@ -10,7 +10,9 @@
 
 #include <cstdint>
 
-namespace ucgm {
+#include "common.h"
+
+UCGM_NAMESPACE_BEGIN
 
 // Enhanced target (objective.h, enhance_element). F_wo may be null: the "without" prediction is
 // then the unmodified target (x, z), the lambda > 0 rule. The last `ndrop` rows are the label-dropped
@@ -36,13 +38,10 @@ int fd_target_cpu(int data_dtype, int model_dtype, const void* F_t, const void* 
 // Loss = mean_b w_b (sqrt(mean((F - T)^2) + h^2) - h [+ mean_p (1 - cos_p)]) over data viewed as
 // (rows, channels, positions). Writes the scalar (compute type) and per row sqrt(mean + h^2), kept
 // for the backward. target_dtype is F's dtype, or float32 for a float16/bfloat16 F. The CUDA op
-// needs a workspace of rows * loss_chunks(positions) * 2 compute-type values.
+// needs a workspace of ucgm_loss_workspace_size(rows, positions) compute-type values (objective.h).
 int ucgm_loss_cpu(int f_dtype, int target_dtype, const void* F, const void* target, const void* t,
                   int64_t t_stride, void* loss, void* row_root, int64_t rows, int64_t channels, int64_t positions,
                   double huber_eps, int cosine, int time_weighting);
-
-// Number of compute-type values of the CUDA loss workspace (the CPU op needs none).
-int64_t ucgm_loss_workspace_size(int64_t rows, int64_t positions);
 
 // Gradients of that loss times grad_loss (a device scalar, compute type): grad_F in F's dtype,
 // grad_target (may be null) in the target's dtype.
@@ -71,4 +70,4 @@ int ucgm_loss_backward_cuda(int f_dtype, int target_dtype, const void* grad_loss
                             int cosine, int time_weighting, void* stream);
 #endif
 
-}  // namespace ucgm
+UCGM_NAMESPACE_END

@@ -23,7 +23,7 @@
 
 #include "common.h"
 
-namespace ucgm {
+UCGM_NAMESPACE_BEGIN
 
 struct Philox4 { uint32_t v[4]; };
 
@@ -149,4 +149,4 @@ UCGM_HD void philox_normal4(uint64_t seed, uint32_t step, uint64_t j, float out[
   box_muller(w.v[2], w.v[3], &out[2], &out[3]);
 }
 
-}  // namespace ucgm
+UCGM_NAMESPACE_END

@@ -17,7 +17,7 @@
 
 #include "transport.h"
 
-namespace ucgm {
+UCGM_NAMESPACE_BEGIN
 
 // Row of the per-step schedule the kernels read from (device) memory: a CUDA graph replays
 // with new times, kappa or extrapolation ratio by rewriting this row, no recapture.
@@ -99,4 +99,4 @@ UCGM_HD C correct_element(const CorrectCoeffs<C>& k, C x, C x_next, C F, C zh) {
   return k.A * x + k.B * (zh + (k.dc * x_next + k.dd * F));
 }
 
-}  // namespace ucgm
+UCGM_NAMESPACE_END

@@ -9,7 +9,9 @@
 
 #include <cstdint>
 
-namespace ucgm {
+#include "common.h"
+
+UCGM_NAMESPACE_BEGIN
 
 // Fused step: decode, extrapolation (mode: sampler.h ExtrapolMode; updates x_prev / z_prev in
 // place), stochastic mixing with Philox noise keyed by (seed, step), new state x_next; optionally
@@ -36,4 +38,4 @@ int sampler_correct_cuda(int state_dtype, int model_dtype, const void* F, const 
 int philox_cuda(const void* seed, int step, int64_t n, int raw, void* out, void* stream);
 #endif
 
-}  // namespace ucgm
+UCGM_NAMESPACE_END

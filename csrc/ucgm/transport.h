@@ -4,7 +4,7 @@
 
 #include "common.h"
 
-namespace ucgm {
+UCGM_NAMESPACE_BEGIN
 
 // Must match the order of ucgm_fast.TRANSPORTS.
 enum Transport : int { kLinear = 0, kReLinear = 1, kTrigFlow = 2, kTrigLinear = 3, kEDM = 4, kRandom = 5 };
@@ -62,4 +62,4 @@ UCGM_HD Mat2<C> mix_matrix(int transport, int mode, C t) {
   }
 }
 
-}  // namespace ucgm
+UCGM_NAMESPACE_END

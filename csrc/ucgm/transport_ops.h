@@ -6,7 +6,9 @@
 
 #include <cstdint>
 
-namespace ucgm {
+#include "common.h"
+
+UCGM_NAMESPACE_BEGIN
 
 // (out1, out2) = mix_matrix(transport, mode, t[row]) applied to (u, v) elementwise: interpolate,
 // decode and their adjoints (transport.h, MixMode).
@@ -24,4 +26,4 @@ int coefficients_cuda(int dtype, const void* t, int64_t n, int transport, void* 
                       void* alpha_to, void* gamma_to, void* stream);
 #endif
 
-}  // namespace ucgm
+UCGM_NAMESPACE_END

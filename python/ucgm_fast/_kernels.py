@@ -60,7 +60,11 @@ def eager_fast_path(*tensors: torch.Tensor) -> bool:
 
 
 def build_info() -> dict:
-    """What was compiled: CPU, OpenMP, CUDA (yes/no, version, architectures), compiler, sanitizers."""
+    """What was compiled: CPU, OpenMP, CUDA (yes/no, version, architectures), compiler, sanitizers.
+
+    ``cpu_isas`` lists the instruction-set builds of the CPU kernels this CPU can run and
+    ``cpu_isa`` the one in use (the best, unless the UCGM_CPU_ISA environment variable chose).
+    """
     if _C is None:
         return {"cpu": False, "cuda": False, "openmp": False, "error": str(IMPORT_ERROR)}
     info = dict(_C.build_info())
