@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the CPU code with AddressSanitizer + UndefinedBehaviorSanitizer (UCGM_SANITIZE=ON, CUDA off)
-# in a throwaway virtualenv and runs the kernel tests (tests/test_*_ops.py: every compiled op, all
+# in a throwaway virtualenv and runs the kernel tests (tests/test_*_ops.py and test_cpu_isa.py: every compiled op, all
 # dtypes, awkward sizes, non-contiguous views) under it; arguments go to pytest instead. Python itself is not instrumented,
 # so the ASan runtime is preloaded; leak checking is off because CPython and torch keep allocations
 # alive at exit by design.
@@ -17,5 +17,5 @@ export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allow_user_segv_handler=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 "$venv/bin/python" -c "import ucgm_fast; assert ucgm_fast.build_info()['sanitize'], 'not a sanitized build'"
 tests=("$@")
-[ ${#tests[@]} -gt 0 ] || tests=(tests/test_*_ops.py)
+[ ${#tests[@]} -gt 0 ] || tests=(tests/test_*_ops.py tests/test_cpu_isa.py)
 "$venv/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" "${tests[@]}"
