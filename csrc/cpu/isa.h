@@ -4,7 +4,9 @@
 // the loss run about 2x faster). Each build defines its kernels in namespace ucgm::<isa> (common.h,
 // UCGM_NAMESPACE_BEGIN). No FMA: both builds round every elementwise result identically, so
 // the choice changes speed only (the loss's per-row sums may differ in the last bits: the vector
-// width sets their order). Included by the binding only.
+// width sets their order). cmake/check_isa_symbols.cmake fails the build if an AVX2 object defines
+// a linker-merged symbol outside ucgm::avx2 (which the baseline build could end up calling).
+// Included by the binding only.
 #pragma once
 
 #include <atomic>
