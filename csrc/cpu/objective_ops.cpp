@@ -3,7 +3,6 @@
 #include "../ucgm/objective_ops.h"
 
 #include <cmath>
-#include <vector>
 
 #include "../ucgm/objective.h"
 #include "parallel.h"
@@ -149,10 +148,10 @@ int ucgm_loss_cpu(int f_dtype, int target_dtype, const void* F, const void* targ
     C* root = static_cast<C*>(row_root);
     const int64_t n = channels * positions;
     const Acc h = huber_eps;
-    std::vector<Acc> row_loss(rows);
+    Scratch<Acc> row_loss(rows);
 #pragma omp parallel if (rows * n >= kParallelGrain)
     {
-      std::vector<Acc> stats(cosine ? 3 * positions : 0);
+      Scratch<Acc> stats(cosine ? 3 * positions : 0);
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < rows; ++b) {
         const SF* f = pf + b * n;
@@ -214,7 +213,7 @@ int ucgm_loss_backward_cpu(int f_dtype, int target_dtype, const void* grad_loss,
     const Acc g0 = Acc(*static_cast<const C*>(grad_loss)) / Acc(rows);
 #pragma omp parallel if (rows * n >= kParallelGrain)
     {
-      std::vector<Acc> stats(cosine ? 3 * positions : 0);
+      Scratch<Acc> stats(cosine ? 3 * positions : 0);
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < rows; ++b) {
         const Acc g = g0 * Acc(time_weight<C>(time_weighting != 0, pt[b * t_stride]));

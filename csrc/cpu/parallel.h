@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <new>
 #include <type_traits>
 #include <utility>
 #ifdef _OPENMP
@@ -57,6 +59,25 @@ void with_constant(int v, F&& f) { with_constant_of(v, f, std::make_integer_sequ
 
 template <typename F>
 void with_transport(int transport, F&& f) { with_constant<kNumTransports>(transport, f); }
+
+// A zeroed scratch array. Not std::vector: the linker keeps one copy of each std:: template member
+// for the whole module, and the AVX2 build's copy could then serve the baseline build
+// (cmake/check_isa_symbols.cmake); this class lives in the build's own namespace.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : p_(static_cast<T*>(std::calloc(n > 0 ? n : 1, sizeof(T)))) {
+    if (!p_) throw std::bad_alloc();
+  }
+  ~Scratch() { std::free(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* data() { return p_; }
+  T& operator[](int64_t i) { return p_[i]; }
+
+ private:
+  T* p_;
+};
 
 // Calls f(S{}, C{}) with the storage type S of dtype and its compute type C.
 template <typename F>
