@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from harness import accuracy, report, timing  # noqa: E402
 from harness.case import Case, Plan, collect, discover  # noqa: E402
-from harness.env import environment  # noqa: E402
+from harness.env import environment, steady_malloc  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"), help="where <name>.json/.md/.png go")
     p.add_argument("--name", help="file stem of the result files (default: the device, cpu or cuda)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--keep-malloc", action="store_true",
+                   help="leave glibc's malloc thresholds alone (by default they are fixed so that fresh outputs "
+                        "do not page-fault on every call; see harness/env.py steady_malloc)")
     p.add_argument("--list", action="store_true", help="list the rows that would run, and exit")
     return p.parse_args(argv)
 
@@ -199,7 +202,9 @@ def main(argv=None) -> int:
         ("cpu", False): timing.FULL, ("cpu", True): timing.QUICK,
         ("cuda", False): timing.FULL_CUDA, ("cuda", True): timing.QUICK_CUDA}[(device.type, args.quick)]
     flusher = timing.L2Flusher(device) if device.type == "cuda" else None
+    malloc = "unchanged (--keep-malloc)" if args.keep_malloc else steady_malloc()
     env = environment(device, os.path.dirname(HERE))
+    env["malloc"] = malloc
     _progress(f"ucgm_fast benchmark on {env['device_name']}: {len(cases)} rows ({mode}), "
               f"torch {env['torch']}, {env['torch_threads']} threads")
 

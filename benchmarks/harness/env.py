@@ -1,6 +1,8 @@
 """What the numbers were measured on: device, versions, threads, load, build of ucgm_fast."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
 import os
 import platform
@@ -20,6 +22,27 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def steady_malloc() -> str:
+    """Keeps glibc from handing freed memory back to the OS between calls; returns what was done.
+
+    glibc serves blocks over its (adaptive) mmap threshold with fresh pages and trims the heap top
+    once more than its trim threshold is free, so in some heap states every call's outputs
+    page-fault again: a 1 MiB-output op then runs 10x slower than in the next run (seen on this
+    project's CPU rows, for eager, compile and fused alike). Fixed thresholds of 1 GiB keep the
+    pages, as a long-running training process does; the rows then measure the ops, not the heap.
+    """
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+            return "unchanged (not glibc)"
+        ok = libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1 and libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1
+    except OSError:
+        return "unchanged (libc not loadable)"
+    return "glibc trim and mmap thresholds 1 GiB" if ok else "unchanged (mallopt failed)"
 
 
 def device_name(device: torch.device) -> str:

@@ -100,6 +100,8 @@ def summary_lines(result: dict) -> list[str]:
         f"(of {', '.join(build.get('cpu_isas', []))}), CUDA {build.get('cuda')} "
         f"({build.get('cuda_version')}, archs {build.get('cuda_architectures')})",
     ]
+    if env.get("malloc"):
+        lines.append(f"malloc: {env['malloc']}")
     if copy:
         lines.append(f"copy bandwidth (same run): {copy['gbps']:.1f} GB/s  "
                      f"({_count(copy['numel'])} float32, read+write, {copy['ms']:.4g} ms)")
