@@ -29,7 +29,7 @@ def steady_malloc() -> str:
 
     glibc serves blocks over its (adaptive) mmap threshold with fresh pages and trims the heap top
     once more than its trim threshold is free, so in some heap states every call's outputs
-    page-fault again: a 1 MiB-output op then runs 10x slower than in the next run (seen on this
+    page-fault again: a 1 MiB-output op then runs up to 15x slower than with the pages kept (seen on this
     project's CPU rows, for eager, compile and fused alike). Fixed thresholds of 1 GiB keep the
     pages, as a long-running training process does; the rows then measure the ops, not the heap.
     """
