@@ -6,8 +6,7 @@
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
-// no-trapping-math only lets GCC if-convert (and so vectorize) the selects; it changes no result.
-#pragma GCC optimize("fp-contract=off", "no-trapping-math")
+#pragma GCC optimize("fp-contract=off")
 #endif
 
 #include "../ucgm/sampler_ops.h"
