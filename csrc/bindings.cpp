@@ -66,11 +66,8 @@ py::dict build_info() {
 
 // Selects the build of the CPU kernels by name; returns the previous one's name.
 std::string set_cpu_isa(const std::string& name) {
-  for (int i : {ucgm::kIsaBase, ucgm::kIsaAvx2}) {
-    if (name != ucgm::kIsaNames[i]) continue;
-    if (!ucgm::cpu_isa_supported(i)) break;
-    return ucgm::kIsaNames[ucgm::cpu_isa().exchange(i)];
-  }
+  const int isa = ucgm::cpu_isa_named(name.c_str());
+  if (isa >= 0) return ucgm::kIsaNames[ucgm::cpu_isa().exchange(isa)];
   throw std::invalid_argument("set_cpu_isa: " + name + " is not built or not supported by this CPU (build_info()['cpu_isas'])");
 }
 

@@ -41,13 +41,20 @@ inline bool cpu_isa_supported(int isa) {
   return false;
 }
 
-// The ISA the kernels run with: the best supported one, or the UCGM_CPU_ISA environment variable's
-// ("base" / "avx2") when supported; set_cpu_isa changes it (tests, benchmarks).
+// The supported ISA called name ("base" / "avx2"), or -1 when it is unknown, not built or not run
+// by this CPU.
+inline int cpu_isa_named(const char* name) {
+  for (int i : {kIsaBase, kIsaAvx2})
+    if (name && std::strcmp(name, kIsaNames[i]) == 0 && cpu_isa_supported(i)) return i;
+  return -1;
+}
+
+// The ISA the kernels run with: the UCGM_CPU_ISA environment variable's when supported, else the
+// best supported one; the binding's set_cpu_isa changes it (tests, benchmarks).
 inline std::atomic<int>& cpu_isa() {
   static std::atomic<int> isa([] {
-    const char* env = std::getenv("UCGM_CPU_ISA");
-    for (int i : {kIsaBase, kIsaAvx2})
-      if (env && std::strcmp(env, kIsaNames[i]) == 0 && cpu_isa_supported(i)) return i;
+    const int chosen = cpu_isa_named(std::getenv("UCGM_CPU_ISA"));
+    if (chosen >= 0) return chosen;
     return cpu_isa_supported(kIsaAvx2) ? int(kIsaAvx2) : int(kIsaBase);
   }());
   return isa;
