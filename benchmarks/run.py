@@ -7,13 +7,15 @@ Prints one table (op, shape, dtype, eager / compile / fused time, speedups, GB/s
 bandwidth measured in the same run, max relative error against the float64 reference) and writes
 benchmarks/results/<device>.json, .md and a .png chart of the speedups. Progress goes to stderr.
 Op groups live in benchmarks/cases/ (one module each); a group whose ops this build of ucgm_fast
-lacks is skipped with the reason. Exit status 1 when a row's error is over its bound.
+lacks is skipped with the reason. Exit status 1 when a row fails or its error is over its bound; 130 when interrupted
+(Ctrl-C or SIGTERM), after writing the rows measured so far.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -214,23 +216,29 @@ def main(argv=None) -> int:
     _progress(f"copy bandwidth: {copy['gbps']:.1f} GB/s at {copy_numel} float32 elements")
 
     compiled = CompileCache()
-    rows, errors = [], []
-    for i, case in enumerate(cases, 1):
-        _progress(f"[{i}/{len(cases)}] {case.key} ... ", end="")
-        try:
-            row = run_case(case, args, device, budget, flusher, compiled, copy["gbps"])
-        except Exception as exc:  # one broken row must not lose the others: reported, exit status 1
-            errors.append(f"{case.key}: {type(exc).__name__}: {exc}")
-            _progress(f"ERROR {type(exc).__name__}: {exc}")
-            traceback.print_exc(file=sys.stderr)
-            continue
-        rows.append(row)
-        _progress(f"{_fmt_progress(row)}  ({time.perf_counter() - started:.0f} s)")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the next row's large tensors need not fit beside this row's
+    rows, errors, interrupted = [], [], None
+    # Ctrl-C or SIGTERM (e.g. from `timeout`) stops the run but still writes the rows measured so far.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        for i, case in enumerate(cases, 1):
+            _progress(f"[{i}/{len(cases)}] {case.key} ... ", end="")
+            try:
+                row = run_case(case, args, device, budget, flusher, compiled, copy["gbps"])
+            except Exception as exc:  # one broken row must not lose the others: reported, exit status 1
+                errors.append(f"{case.key}: {type(exc).__name__}: {exc}")
+                _progress(f"ERROR {type(exc).__name__}: {exc}")
+                traceback.print_exc(file=sys.stderr)
+                continue
+            rows.append(row)
+            _progress(f"{_fmt_progress(row)}  ({time.perf_counter() - started:.0f} s)")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the next row's large tensors need not fit beside this row's
+    except KeyboardInterrupt:
+        interrupted = f"interrupted after {len(rows) + len(errors)} of {len(cases)} rows"
+        _progress(f"\n{interrupted}: writing the rows measured so far")
 
     result = {"mode": mode, "environment": env, "copy_bandwidth": copy, "skipped_groups": skipped,
-              "errors": errors, "rows": rows, "wall_s": time.perf_counter() - started,
+              "errors": errors, "interrupted": interrupted, "rows": rows, "wall_s": time.perf_counter() - started,
               "load_average_1m_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     print("\n".join(report.summary_lines(result)))
     print()
@@ -253,15 +261,14 @@ def main(argv=None) -> int:
     if errors:
         _progress(f"{len(errors)} rows failed to run:\n  " + "\n  ".join(errors))
     failed = [r for r in rows if r.get("accuracy_ok") is False]
-    if errors and not failed:
-        return 1
     if failed:
         _progress("accuracy FAIL (max_rel_err over bound): " + ", ".join(
             f"{r['op']}/{r['variant']}/{r['shape_str']}/{r['dtype']} {r['max_rel_err']:.2e} > {r['tolerance']:.2e}"
             for r in failed))
-        return 1
-    return 0
-
+    if interrupted:
+        _progress(f"run.py: {interrupted}")
+        return 130
+    return 1 if errors or failed else 0
 
 if __name__ == "__main__":
     sys.exit(main())

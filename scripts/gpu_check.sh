@@ -16,7 +16,10 @@
 # copied into $OUT when it is set, with the whole log as gpu_check.log. Exit status: 0 only when every
 # step passed. Environment: PYTHON (default python3), PYTEST_ARGS (default "-q tests"),
 # TEST_TIMEOUT / BENCH_TIMEOUT / E2E_TIMEOUT in seconds (default 240, 180, 240: the whole check stays
-# under 12 minutes with the build).
+# under 12 minutes with the build), and DEADLINE: when set, the whole script's budget in seconds; each
+# stage's limit is cut to what is left of it, so a single call with a hard limit still gets every
+# stage's results back (the benchmark writes the rows it measured when its limit stops it, and each
+# stage's files are copied into $OUT as soon as it ends).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,6 +31,24 @@ export PYTHONUNBUFFERED=1
 
 STAGES=" ${STAGES:-install tests bench e2e} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
+START=$(date +%s)
+# limit CAP: CAP seconds, or less when DEADLINE leaves less (20 s kept for copying results).
+limit() {
+  local cap=$1
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$(( DEADLINE - ($(date +%s) - START) - 20 ))
+    [ "$left" -lt "$cap" ] && cap=$left
+  fi
+  [ "$cap" -lt 1 ] && cap=1
+  echo "$cap"
+}
+# keep NAME...: copy the finished results into $OUT now, so they come back even if a later stage is cut off.
+keep() {
+  local f
+  for f in "$@"; do
+    if [ -f "$f" ]; then ls -l "$f"; if [ -n "${OUT:-}" ]; then cp "$f" "$OUT/"; fi; else echo "missing: $f"; fi
+  done
+}
 
 main() {
 failed=()
@@ -74,37 +95,32 @@ RESULTS=benchmarks/results
 if want tests; then
   step "tests: pytest ${PYTEST_ARGS:--q tests}"
   # shellcheck disable=SC2086
-  timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest ${PYTEST_ARGS:--q tests} -rfEs -p no:cacheprovider 2>&1 \
+  timeout "$(limit "${TEST_TIMEOUT:-240}")" "$PY" -m pytest ${PYTEST_ARGS:--q tests} -rfEs -p no:cacheprovider 2>&1 \
     | tee "$RESULTS/${NAME}_pytest.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { failed+=("tests (exit $rc)"); echo "tests failed (exit $rc); going on"; }
+  keep "$RESULTS/${NAME}_pytest.log"
 fi
 
 if want bench; then
   step "benchmark: benchmarks/run.py --device cuda --quick --name $NAME"
-  timeout "${BENCH_TIMEOUT:-180}" "$PY" benchmarks/run.py --device cuda --quick --name "$NAME" --out-dir "$RESULTS" \
+  timeout "$(limit "${BENCH_TIMEOUT:-180}")" "$PY" benchmarks/run.py --device cuda --quick --name "$NAME" --out-dir "$RESULTS" \
     --ops transport objective sampler
   rc=$?
   [ "$rc" -eq 0 ] || { failed+=("benchmark (exit $rc)"); echo "benchmark failed (exit $rc)"; }
+  keep "$RESULTS/$NAME".{json,md,png}
 fi
 
 if want e2e; then
   step "benchmark: end to end (DiT training step, sampling) --name ${NAME}_e2e"
-  timeout "${E2E_TIMEOUT:-240}" "$PY" benchmarks/run.py --device cuda --quick --name "${NAME}_e2e" \
+  timeout "$(limit "${E2E_TIMEOUT:-240}")" "$PY" benchmarks/run.py --device cuda --quick --name "${NAME}_e2e" \
     --out-dir "$RESULTS" --ops end_to_end
   rc=$?
   [ "$rc" -eq 0 ] || { failed+=("end-to-end benchmark (exit $rc)"); echo "end-to-end benchmark failed (exit $rc)"; }
+  keep "$RESULTS/${NAME}_e2e".{json,md,png}
 fi
 
-step "results"
-for f in "$RESULTS/$NAME".{json,md,png} "$RESULTS/${NAME}_e2e".{json,md,png} "$RESULTS/${NAME}_pytest.log"; do
-  if [ -f "$f" ]; then
-    ls -l "$f"
-    if [ -n "${OUT:-}" ]; then cp "$f" "$OUT/"; fi
-  else
-    echo "missing: $f"
-  fi
-done
+step "results (copied into \$OUT as each stage ended)"
 if [ ${#failed[@]} -eq 0 ]; then
   echo "gpu_check: all steps passed ($NAME)"
 else

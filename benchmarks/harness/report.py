@@ -107,6 +107,8 @@ def summary_lines(result: dict) -> list[str]:
                      f"({_count(copy['numel'])} float32, read+write, {copy['ms']:.4g} ms)")
     for group, why in result.get("skipped_groups", {}).items():
         lines.append(f"skipped group {group}: {why}")
+    if result.get("interrupted"):
+        lines.append(f"INCOMPLETE: {result['interrupted']}")
     for error in result.get("errors", []):
         lines.append(f"ERROR (row not reported): {error}")
     lines.append(f"{result['mode']} run, {len(result['rows'])} rows in {result['wall_s']:.0f} s; "
