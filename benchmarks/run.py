@@ -168,6 +168,7 @@ def _fmt_progress(row: dict) -> str:
         s += f", {row['speedup_vs_compile']:.2f}x compile"
     if row.get("max_rel_err") is not None:
         s += f" | err {row['max_rel_err']:.1e}" + ("" if row["accuracy_ok"] else " FAIL")
+    s += "".join(f" | {name} {p['ms']:.4g} ms" for name, p in row.get("peers", {}).items())
     return s + "".join(f" | {n}" for n in row["notes"])
 
 
@@ -215,9 +216,26 @@ def main(argv=None) -> int:
     copy = timing.copy_bandwidth(copy_numel, device, budget, flusher)
     _progress(f"copy bandwidth: {copy['gbps']:.1f} GB/s at {copy_numel} float32 elements")
 
+    name = args.name or device.type
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, name)
+
+    def save(rows, errors, interrupted, final):
+        """Write <stem>.json and .md (and the chart when final); returns the result dict."""
+        result = {"mode": mode, "environment": env, "copy_bandwidth": copy, "skipped_groups": skipped,
+                  "errors": errors, "interrupted": interrupted, "rows": rows,
+                  "wall_s": time.perf_counter() - started,
+                  "load_average_1m_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+        chart_ok = final and report.chart(rows, stem + ".png", f"ucgm_fast fused speedups: {env['device_name']} ({mode})")
+        report.write_json(stem + ".json", result)
+        with open(stem + ".md", "w") as f:
+            f.write(report.markdown(result, os.path.basename(stem + ".png") if chart_ok else None))
+        return result, chart_ok
+
     compiled = CompileCache()
     rows, errors, interrupted = [], [], None
-    # Ctrl-C or SIGTERM (e.g. from `timeout`) stops the run but still writes the rows measured so far.
+    # Ctrl-C or SIGTERM (e.g. from `timeout`) stops the run but still writes the rows measured so far;
+    # the files are also rewritten after every row, so even a killed run leaves what it measured.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         for i, case in enumerate(cases, 1):
@@ -231,26 +249,18 @@ def main(argv=None) -> int:
                 continue
             rows.append(row)
             _progress(f"{_fmt_progress(row)}  ({time.perf_counter() - started:.0f} s)")
+            if i < len(cases):
+                save(rows, errors, f"stopped after {i} of {len(cases)} rows (the run did not finish)", final=False)
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the next row's large tensors need not fit beside this row's
     except KeyboardInterrupt:
         interrupted = f"interrupted after {len(rows) + len(errors)} of {len(cases)} rows"
         _progress(f"\n{interrupted}: writing the rows measured so far")
 
-    result = {"mode": mode, "environment": env, "copy_bandwidth": copy, "skipped_groups": skipped,
-              "errors": errors, "interrupted": interrupted, "rows": rows, "wall_s": time.perf_counter() - started,
-              "load_average_1m_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+    result, chart_ok = save(rows, errors, interrupted, final=True)
     print("\n".join(report.summary_lines(result)))
     print()
     print(report.text_table(rows))
-
-    name = args.name or device.type
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, name)
-    chart_ok = report.chart(rows, stem + ".png", f"ucgm_fast fused speedups: {env['device_name']} ({mode})")
-    report.write_json(stem + ".json", result)
-    with open(stem + ".md", "w") as f:
-        f.write(report.markdown(result, os.path.basename(stem + ".png") if chart_ok else None))
     if args.json:
         report.write_json(args.json, rows)
     _progress(f"wrote {stem}.json, {stem}.md" + (f", {stem}.png" if chart_ok else "")

@@ -139,7 +139,7 @@ def test_step_matches_reference(device, transport, state, model):
                                              extrapol_ratio=e, seed=77, return_hats=True, **bufs)
                 rbufs = dict(x_prev=xp.double(), z_prev=zp.double()) if e else {}
                 # The noise itself is checked bit for bit against the reference Philox above.
-                noise = ucgm_fast.sampler_noise(shape, seed=77, step=step)
+                noise = ucgm_fast.sampler_noise(shape, seed=77, step=step, device=device)
                 ref = reference.sampler_step(F.double(), x.double(), t, t1, transport, step=step,
                                              stochast_ratio=kappa, extrapol_ratio=e, noise=noise,
                                              return_hats=True, **rbufs)

@@ -21,7 +21,7 @@ import torch
 class Budget:
     """How long to spend on one peer of one row."""
 
-    warmup_s: float      # at least this long (and at least 2 calls) of warm-up after the first call
+    warmup_s: float      # at least this long (at least 2 calls; 1 when this is 0) of warm-up after the first call
     sample_s: float      # target length of one sample; short calls are repeated inside it
     total_s: float       # target time for all samples together
     min_repeats: int
@@ -83,8 +83,9 @@ def time_call(fn: Callable[..., Any], args: tuple, device: torch.device, budget:
     _sync(device)
     first_call_s = time.perf_counter() - start
 
-    calls, start = 0, time.perf_counter()
-    while calls < 2 or time.perf_counter() - start < budget.warmup_s:
+    # At least two warm-up calls, or one when the budget asks for none (multi-second end-to-end rows).
+    calls, start, least = 0, time.perf_counter(), 2 if budget.warmup_s > 0 else 1
+    while calls < least or time.perf_counter() - start < budget.warmup_s:
         fn(*args)
         if cuda:
             _sync(device)

@@ -218,7 +218,7 @@ def sampler_step(F, x, t, t_next, transport, *, step: int = 0, stochast_ratio=0.
     kappa = torch.as_tensor(stochast_ratio, dtype=f64)
     if noise is None:
         noise = philox_noise(x.numel(), seed, step).reshape(x.shape).to(x.device)
-    x_next = gi1 * x_hat + ai1 * (z_hat * torch.sqrt(1 - kappa) + noise.to(f64) * torch.sqrt(kappa))
+    x_next = gi1 * x_hat + ai1 * (z_hat * torch.sqrt(1 - kappa) + noise.to(x.device, f64) * torch.sqrt(kappa))
     if return_hats:
         return x_next.to(x.dtype), raw.to(x.dtype), z_hat.to(x.dtype)
     return x_next.to(x.dtype)
