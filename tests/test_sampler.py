@@ -267,6 +267,12 @@ def test_cuda_graph_replay_matches_eager():
         graph = ucgm_fast.sample(model, noise, "Linear", seed=seed, cuda_graph=True, **kw)
         assert torch.equal(eager, graph)
     assert len(ucgm_fast.sampler._GRAPHS) == 1  # captured once, replayed with new noise and seed
+    # Autocast around the call changes the model's kernels: a graph of its own, not a replay of the first.
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = ucgm_fast.sample(model, noise, "Linear", seed=3, **kw)
+        graph = ucgm_fast.sample(model, noise, "Linear", seed=3, cuda_graph=True, **kw)
+    assert torch.equal(eager, graph)
+    assert len(ucgm_fast.sampler._GRAPHS) == 2
 
 
 @cuda

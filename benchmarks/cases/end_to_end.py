@@ -153,6 +153,24 @@ def _train_workload(plan: Plan, name: str, shape: tuple, variant: str, compiled:
                     budget=SMOKE if smallest else BUDGET, compile_peer=False)
 
 
+class _UnderAutocast(torch.nn.Module):
+    """The model run under the training autocast (bf16 on CUDA, none on CPU), as users sample.
+
+    In float32 a DiT-XL/2 call at batch 1 is bound by its matmuls (about 15 ms on an H100), which
+    hides what the loop around it costs; in bf16 it is bound by kernel launches, as in DESIGN.md's
+    anchor (31.8 ms eager, 7.7 ms replayed as a CUDA graph, 2 steps).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.num_classes = model.num_classes
+
+    def forward(self, x, t, y=None):
+        with _autocast(x.device):
+            return self.model(x, t, y)
+
+
 def _published_sample(model, noise, y, steps, kappa, pre_noise):
     return reference.sampler.sample(model, noise, transport="Linear", steps=steps, stochast_ratio=kappa,
                                     rfba_gap_steps=(0.001, 0.3), state_dtype=torch.float64, y=y,
@@ -166,7 +184,7 @@ def _fused_sample(model, noise, y, steps, kappa, pre_noise, cuda_graph=False):
 
 def _sample_workload(plan: Plan, name: str, shape: tuple, steps: int) -> Workload:
     gen = plan.generator("sample", name, shape, steps)
-    model = live_model(name, shape[1:], plan.device, plan.smallest).eval().requires_grad_(False)
+    model = _UnderAutocast(live_model(name, shape[1:], plan.device, plan.smallest).eval().requires_grad_(False))
     noise = plan.randn(shape, torch.float32, gen)
     y = torch.randint(0, NUM_CLASSES, (shape[0],), generator=gen, device=plan.device)
     kappa = 1.0 if steps <= 2 else 0.0
@@ -174,8 +192,10 @@ def _sample_workload(plan: Plan, name: str, shape: tuple, steps: int) -> Workloa
                  for i in range(steps)]
     args = (model, noise, y, steps, kappa, pre_noise)
     peers = {"cuda_graph": partial(_fused_sample, cuda_graph=True)} if plan.device.type == "cuda" else {}
+    # bf16 model outputs move with the last bits of the state (float64 published, float32 fused).
+    tol = 2e-2 if plan.device.type == "cuda" else 1e-4
     return Workload(args=args, eager=_published_sample, fused=_fused_sample, peers=peers,
-                    oracle=lambda: _published_sample(*args), tolerance=1e-4, budget=SMOKE if plan.smallest else BUDGET,
+                    oracle=lambda: _published_sample(*args), tolerance=tol, budget=SMOKE if plan.smallest else BUDGET,
                     compile_peer=False)
 
 

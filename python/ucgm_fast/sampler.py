@@ -144,8 +144,11 @@ class _Plan:
         self.t_model = self._to(t_model, dev, pin)
         self.weight = self._to(weight.to(torch.float32), dev, pin)
         self.seed = self._to(self.seed, dev, pin)
+        # A captured graph holds the kernels the model launched, so an autocast region around the call
+        # (which changes them) is part of what it was captured for.
+        amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
         self.key = (id(model), tuple(noise.shape), noise.dtype, dev, state_dtype, self.iters, order, tr.id, e > 0,
-                    self.cfg, None if y is None else (y.dtype, tuple(y.shape)), self.trajectory)
+                    self.cfg, None if y is None else (y.dtype, tuple(y.shape)), self.trajectory, amp)
 
     @staticmethod
     def _to(t, dev, pin):
@@ -299,8 +302,8 @@ def sample(model, noise, transport="Linear", steps=2, order=1, stochast_ratio=1.
     return_trajectory : bool
         Also return every step's x_hat, stacked (steps_run, B, ...).
     cuda_graph : bool
-        Capture the whole loop (model calls included) once per model, shape, dtype and step count and
-        replay it. The model's parameters must stay at the same addresses (in-place updates are fine);
+        Capture the whole loop (model calls included) once per model, shape, dtype, step count and
+        autocast setting around the call, and replay it. The model's parameters must stay at the same addresses (in-place updates are fine);
         see :func:`clear_graph_cache`.
     y : Tensor, optional
         Class labels (B,).
