@@ -30,33 +30,49 @@ class Kernel:
         """Whether this build has the kernel for ``like``'s device."""
         if like.is_cuda:
             return self.cuda is not None
-        return self.cpu is not None and like.device.type == "cpu"
+        return self.cpu is not None and like.is_cpu
 
     def __call__(self, like: torch.Tensor, *args) -> None:
         if not like.is_cuda:
             self.cpu(*args)
             return
-        device = like.device
-        if device.index != torch.cuda.current_device():
-            with torch.cuda.device(device):
-                self.cuda(*args, torch.cuda.current_stream().cuda_stream)
+        index = like.get_device()
+        if index != torch.cuda.current_device():
+            with torch.cuda.device(index):
+                self.cuda(*args, _raw_stream(index))
         else:
-            self.cuda(*args, torch.cuda.current_stream().cuda_stream)
+            self.cuda(*args, _raw_stream(index))
+
+
+def _current_stream_handle(index: int) -> int:
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+# The current stream's cudaStream_t of a device, as torch.compile's generated code reads it: without
+# building a torch.cuda.Stream object per call (a few microseconds of Python per launch).
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", _current_stream_handle)
+
+
+def plain_eager(*tensors: torch.Tensor) -> bool:
+    """True outside torch.compile and torch.func transforms, for plain tensors (no subclasses).
+
+    Such calls may run the kernels without the dispatcher (the kernels take raw pointers);
+    anything else goes through the torch.library op, which tracing and transforms understand.
+    """
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(type(x) is torch.Tensor for x in tensors)
 
 
 def eager_fast_path(*tensors: torch.Tensor) -> bool:
-    """True when a call may skip the dispatcher: plain tensors, no autograd to record, not tracing.
+    """True when a call may skip the dispatcher: :func:`plain_eager`, and no autograd to record.
 
     The torch.library op costs ~40 us of dispatch per call on top of the kernel; eager calls
     that need neither autograd nor tracing call the kernel directly instead.
     """
-    if torch.compiler.is_compiling():
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return False
-    grad = torch.is_grad_enabled()
-    for x in tensors:
-        if type(x) is not torch.Tensor or (grad and x.requires_grad):
-            return False
-    return True
+    return plain_eager(*tensors)
 
 
 def build_info() -> dict:

@@ -381,7 +381,7 @@ class UCGM:
         null = self._null_class(model) if (ndrop > 0 or (lam == 0.0 and e != 0.0)) else None
         if ndrop:
             y = y.clone()
-            y[B - ndrop:] = null  # a slice with a host-known bound: no mask, no sync
+            y.narrow(0, B - ndrop, ndrop).fill_(null)  # a host-known bound: no mask, no sync
 
         x_t, target = interpolate(x, z, t, tr)
         F_t = model(x_t, t, y)
