@@ -39,10 +39,40 @@ inline int grid_size(int64_t work_items, int block) {
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+// Whether p (null counts) may be read as Vec<T, V>.
+template <typename T, int V> inline bool vec_aligned(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * V) == 0;
+}
 
 // Launch errors are reported; a kernel's asynchronous faults surface at the next synchronizing call.
 inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
 
 template <typename S, int V> struct alignas(sizeof(S) * V) Vec { S x[V]; };
+
+// V consecutive elements into (out of) a register array: one wide access when kWide, else V
+// scalar ones of which only the first `count` happen (a ragged tail).
+template <bool kWide, typename S, int V>
+__device__ __forceinline__ void load_vec(const S* p, S (&v)[V], int count) {
+  if (kWide) {
+    const Vec<S, V> w = *reinterpret_cast<const Vec<S, V>*>(p);
+#pragma unroll
+    for (int k = 0; k < V; ++k) v[k] = w.x[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) if (k < count) v[k] = p[k];
+  }
+}
+template <bool kWide, typename S, int V>
+__device__ __forceinline__ void store_vec(S* p, const S (&v)[V], int count) {
+  if (kWide) {
+    Vec<S, V> w;
+#pragma unroll
+    for (int k = 0; k < V; ++k) w.x[k] = v[k];
+    *reinterpret_cast<Vec<S, V>*>(p) = w;
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) if (k < count) p[k] = v[k];
+  }
+}
 
 }  // namespace ucgm

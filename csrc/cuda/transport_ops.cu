@@ -31,15 +31,26 @@ __global__ void mix_kernel(const S* __restrict__ u, const S* __restrict__ v, con
   }
 }
 
-template <typename S, typename C>
-__global__ void coefficients_kernel(const S* __restrict__ t, int64_t n, int transport, S* ai, S* gi, S* at,
-                                    S* gt) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const Coeffs<C> k = coefficients<C>(transport, load<C>(t[i]));
-    ai[i] = store<S>(k.alpha_in);
-    gi[i] = store<S>(k.gamma_in);
-    at[i] = store<S>(k.alpha_to);
-    gt[i] = store<S>(k.gamma_to);
+// Four outputs per input: V elements per access as in mix_kernel (the write streams dominate).
+template <typename S, typename C, int V>
+__global__ void coefficients_kernel(const S* __restrict__ t, int64_t n, int transport, S* __restrict__ ai,
+                                    S* __restrict__ gi, S* __restrict__ at, S* __restrict__ gt) {
+  const int64_t step = int64_t(gridDim.x) * blockDim.x * V;
+  for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < n; i += step) {
+    const Vec<S, V> tv = *reinterpret_cast<const Vec<S, V>*>(t + i);
+    Vec<S, V> a, b, c, d;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const Coeffs<C> q = coefficients<C>(transport, load<C>(tv.x[k]));
+      a.x[k] = store<S>(q.alpha_in);
+      b.x[k] = store<S>(q.gamma_in);
+      c.x[k] = store<S>(q.alpha_to);
+      d.x[k] = store<S>(q.gamma_to);
+    }
+    *reinterpret_cast<Vec<S, V>*>(ai + i) = a;
+    *reinterpret_cast<Vec<S, V>*>(gi + i) = b;
+    *reinterpret_cast<Vec<S, V>*>(at + i) = c;
+    *reinterpret_cast<Vec<S, V>*>(gt + i) = d;
   }
 }
 
@@ -73,9 +84,15 @@ int coefficients_cuda(int dtype, const void* t, int64_t n, int transport, void* 
   return dispatch_dtype_cuda(dtype, [&](auto s, auto c) {
     using S = decltype(s);
     using C = decltype(c);
-    coefficients_kernel<S, C><<<grid_size(n, kBlock), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const S*>(t), n, transport, static_cast<S*>(alpha_in), static_cast<S*>(gamma_in),
-        static_cast<S*>(alpha_to), static_cast<S*>(gamma_to));
+    constexpr int V = 16 / sizeof(S);
+    const bool vec = n % V == 0 && aligned16(t) && aligned16(alpha_in) && aligned16(gamma_in) &&
+                     aligned16(alpha_to) && aligned16(gamma_to);
+    auto launch = [&](auto kernel, int width) {
+      kernel<<<grid_size(n / width, kBlock), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(
+          static_cast<const S*>(t), n, transport, static_cast<S*>(alpha_in), static_cast<S*>(gamma_in),
+          static_cast<S*>(alpha_to), static_cast<S*>(gamma_to));
+    };
+    if (vec) launch(coefficients_kernel<S, C, V>, V); else launch(coefficients_kernel<S, C, 1>, 1);
     return launch_status();
   });
 }
