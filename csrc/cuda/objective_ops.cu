@@ -115,6 +115,9 @@ __global__ void fd_target_kernel(const SM* __restrict__ ft, const SM* __restrict
 
 // ---- loss ---------------------------------------------------------------------------------------
 
+// Positions per thread and access: 16 bytes of a float32 F (8 of a 16-bit one).
+constexpr int kLossVec = 4;
+
 template <typename C>
 __device__ __forceinline__ C block_sum(C v, C* shared) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
@@ -128,8 +131,9 @@ __device__ __forceinline__ C block_sum(C v, C* shared) {
   return v;  // valid in thread 0
 }
 
-// Block (row, chunk): sum of (F - T)^2 and of 1 - cos over the chunk's positions.
-template <typename SF, typename ST, typename C>
+// Block (row, chunk): sum of (F - T)^2 and of 1 - cos over the chunk's positions, V consecutive
+// positions per thread and access (V divides positions and the pointers are aligned for it).
+template <typename SF, typename ST, typename C, int V>
 __global__ void loss_partials_kernel(const SF* __restrict__ F, const ST* __restrict__ T, C* __restrict__ ws,
                                      int64_t chunks, int64_t channels, int64_t positions, int cosine) {
   __shared__ C shared[32];
@@ -137,16 +141,24 @@ __global__ void loss_partials_kernel(const SF* __restrict__ F, const ST* __restr
   const int64_t base = row * channels * positions;
   const int64_t p_end = (chunk + 1) * kLossChunkPositions < positions ? (chunk + 1) * kLossChunkPositions : positions;
   C sq = 0, cs = 0;
-  for (int64_t p = chunk * kLossChunkPositions + threadIdx.x; p < p_end; p += blockDim.x) {
-    C dot = 0, ff = 0, tt = 0;
+  for (int64_t p = chunk * kLossChunkPositions + int64_t(threadIdx.x) * V; p < p_end; p += int64_t(blockDim.x) * V) {
+    C dot[V] = {}, ff[V] = {}, tt[V] = {};
     for (int64_t c = 0; c < channels; ++c) {
-      const C a = load<C>(F[base + c * positions + p]), y = load<C>(T[base + c * positions + p]);
-      sq += (a - y) * (a - y);
-      dot += a * y;
-      ff += a * a;
-      tt += y * y;
+      const Vec<SF, V> a = *reinterpret_cast<const Vec<SF, V>*>(F + base + c * positions + p);
+      const Vec<ST, V> y = *reinterpret_cast<const Vec<ST, V>*>(T + base + c * positions + p);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const C ak = load<C>(a.x[k]), yk = load<C>(y.x[k]);
+        sq += (ak - yk) * (ak - yk);
+        dot[k] += ak * yk;
+        ff[k] += ak * ak;
+        tt[k] += yk * yk;
+      }
     }
-    if (cosine) cs += C(1) - cosine_of<C>(dot, ff, tt);
+    if (cosine) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) cs += C(1) - cosine_of<C>(dot[k], ff[k], tt[k]);
+    }
   }
   sq = block_sum(sq, shared);
   cs = block_sum(cs, shared);
@@ -178,36 +190,54 @@ __global__ void loss_finalize_kernel(const C* __restrict__ ws, const C* __restri
   if (threadIdx.x == 0) *loss = rows > 0 ? acc / C(rows) : C(NAN);
 }
 
-// One thread per (row, position): the cosine statistics of that position, then its gradients.
-template <typename SF, typename ST, typename C>
+// One thread per (row, V consecutive positions): the cosine statistics of those positions, then
+// their gradients (V divides positions and the pointers are aligned for it).
+template <typename SF, typename ST, typename C, int V>
 __global__ void loss_backward_kernel(const C* __restrict__ grad, const SF* __restrict__ F, const ST* __restrict__ T,
                                      const C* __restrict__ t, int64_t t_stride, const C* __restrict__ root,
                                      SF* __restrict__ gF, ST* __restrict__ gT, int64_t rows, int64_t channels,
                                      int64_t positions, int cosine, int time_weighting) {
   const C g0 = *grad / C(rows);
   const int64_t n = channels * positions;
-  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < rows * positions;
+  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < rows * positions / V;
        q += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = q / positions, p = q - b * positions, base = b * n + p;
+    const int64_t b = q * V / positions, p = q * V - b * positions, base = b * n + p;
     const C g = g0 * time_weight<C>(time_weighting != 0, t[b * t_stride]);
     const C k = g / (C(n) * root[b]);
-    CosGrad<C> cg{0, 0, 0};
+    CosGrad<C> cg[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) cg[j] = CosGrad<C>{0, 0, 0};
     if (cosine) {
-      C dot = 0, ff = 0, tt = 0;
+      C dot[V] = {}, ff[V] = {}, tt[V] = {};
       for (int64_t c = 0; c < channels; ++c) {
-        const C a = load<C>(F[base + c * positions]), y = load<C>(T[base + c * positions]);
-        dot += a * y;
-        ff += a * a;
-        tt += y * y;
+        const Vec<SF, V> a = *reinterpret_cast<const Vec<SF, V>*>(F + base + c * positions);
+        const Vec<ST, V> y = *reinterpret_cast<const Vec<ST, V>*>(T + base + c * positions);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const C aj = load<C>(a.x[j]), yj = load<C>(y.x[j]);
+          dot[j] += aj * yj;
+          ff[j] += aj * aj;
+          tt[j] += yj * yj;
+        }
       }
-      cg = cosine_grad<C>(dot, ff, tt);
+#pragma unroll
+      for (int j = 0; j < V; ++j) cg[j] = cosine_grad<C>(dot[j], ff[j], tt[j]);
     }
     const C kc = cosine ? g / C(positions) : C(0);
     for (int64_t c = 0; c < channels; ++c) {
       const int64_t i = base + c * positions;
-      const C a = load<C>(F[i]), y = load<C>(T[i]);
-      gF[i] = store<SF>(k * (a - y) - kc * (cg.a * y - cg.b * a));
-      if (gT) gT[i] = store<ST>(-k * (a - y) - kc * (cg.a * a - cg.c * y));
+      const Vec<SF, V> a = *reinterpret_cast<const Vec<SF, V>*>(F + i);
+      const Vec<ST, V> y = *reinterpret_cast<const Vec<ST, V>*>(T + i);
+      Vec<SF, V> da;
+      Vec<ST, V> dy;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const C aj = load<C>(a.x[j]), yj = load<C>(y.x[j]);
+        da.x[j] = store<SF>(k * (aj - yj) - kc * (cg[j].a * yj - cg[j].b * aj));
+        dy.x[j] = store<ST>(-k * (aj - yj) - kc * (cg[j].a * aj - cg[j].c * yj));
+      }
+      *reinterpret_cast<Vec<SF, V>*>(gF + i) = da;
+      if (gT) *reinterpret_cast<Vec<ST, V>*>(gT + i) = dy;
     }
   }
 }
@@ -296,9 +326,15 @@ int ucgm_loss_cuda(int f_dtype, int target_dtype, const void* F, const void* tar
     const auto st = static_cast<cudaStream_t>(stream);
     const int64_t chunks = loss_chunks(positions);
     if (rows > 0) {
-      loss_partials_kernel<SF, ST, C><<<static_cast<unsigned>(rows * chunks), kBlock, 0, st>>>(
-          static_cast<const SF*>(F), static_cast<const ST*>(target), static_cast<C*>(workspace), chunks, channels,
-          positions, cosine);
+      auto launch = [&](auto kernel) {
+        kernel<<<static_cast<unsigned>(rows * chunks), kBlock, 0, st>>>(
+            static_cast<const SF*>(F), static_cast<const ST*>(target), static_cast<C*>(workspace), chunks, channels,
+            positions, cosine);
+      };
+      if (positions % kLossVec == 0 && vec_aligned<SF, kLossVec>(F) && vec_aligned<ST, kLossVec>(target))
+        launch(loss_partials_kernel<SF, ST, C, kLossVec>);
+      else
+        launch(loss_partials_kernel<SF, ST, C, 1>);
     }
     loss_finalize_kernel<C><<<1, 1024, 0, st>>>(static_cast<const C*>(workspace), static_cast<const C*>(t), t_stride,
                                                  static_cast<C*>(loss), static_cast<C*>(row_root), rows, chunks,
@@ -317,11 +353,17 @@ int ucgm_loss_backward_cuda(int f_dtype, int target_dtype, const void* grad_loss
     using ST = decltype(st_);
     using SF = decltype(sf);
     using C = decltype(c);
-    loss_backward_kernel<SF, ST, C><<<grid_size(rows * positions, kBlock), kBlock, 0,
-                                      static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const C*>(grad_loss), static_cast<const SF*>(F), static_cast<const ST*>(target),
-        static_cast<const C*>(t), t_stride, static_cast<const C*>(row_root), static_cast<SF*>(grad_F),
-        static_cast<ST*>(grad_target), rows, channels, positions, cosine, time_weighting);
+    auto launch = [&](auto kernel, int width) {
+      kernel<<<grid_size(rows * positions / width, kBlock), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(
+          static_cast<const C*>(grad_loss), static_cast<const SF*>(F), static_cast<const ST*>(target),
+          static_cast<const C*>(t), t_stride, static_cast<const C*>(row_root), static_cast<SF*>(grad_F),
+          static_cast<ST*>(grad_target), rows, channels, positions, cosine, time_weighting);
+    };
+    if (positions % kLossVec == 0 && vec_aligned<SF, kLossVec>(F) && vec_aligned<ST, kLossVec>(target) &&
+        vec_aligned<SF, kLossVec>(grad_F) && vec_aligned<ST, kLossVec>(grad_target))
+      launch(loss_backward_kernel<SF, ST, C, kLossVec>, kLossVec);
+    else
+      launch(loss_backward_kernel<SF, ST, C, 1>, 1);
     return launch_status();
   });
 }

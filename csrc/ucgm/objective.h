@@ -149,8 +149,9 @@ UCGM_HD CosGrad<C> cosine_grad(C dot, C ff, C tt) {
 template <typename C>
 UCGM_HD C time_weight(bool time_weighting, C t) { return time_weighting ? ucos(t * C(1.57)) : C(1); }
 
-// Chunking of the CUDA loss reduction: one block handles up to this many positions of one row.
-constexpr int64_t kLossChunkPositions = 1024;
+// Chunking of the CUDA loss reduction: one block handles up to this many positions of one row
+// (16 per thread of a 256-thread block), so its two block reductions stay small next to the reads.
+constexpr int64_t kLossChunkPositions = 4096;
 
 inline int64_t loss_chunks(int64_t positions) {
   return positions <= 0 ? 1 : (positions + kLossChunkPositions - 1) / kLossChunkPositions;
