@@ -33,8 +33,8 @@ from typing import Optional
 import torch
 
 from ._validate import batch_times, check_data, compute_dtype
-from .ops import interpolate
-from .ops.objective import _time_weighting_flag, enhance_target, fd_inputs, fd_target, ucgm_loss
+from .ops.objective import _enhance, _fd_inputs, _fd_target, _loss, _time_weighting_flag
+from .ops.transport import _interpolate
 from .transports import BUILTIN_TRANSPORTS, Transport, get_transport
 
 __all__ = ["UCGM"]
@@ -330,14 +330,21 @@ class UCGM:
                          "set model.num_classes or use label_drop_ratio=0 (and no enhancement at lambda = 0)")
 
     @staticmethod
-    def _check_output(F, x, what="model"):
+    def _check_output(F, x, what="model", like=None):
+        """F must be a tensor shaped like x, in x's dtype (or 16-bit for float32 x), and in like's dtype
+        when given: the kernels read all of one step's model outputs as one dtype."""
         if not isinstance(F, torch.Tensor):
             raise TypeError(f"UCGM.loss: the {what} returned {type(F).__name__}; expected a tensor shaped like x")
         if F.shape != x.shape:
             raise ValueError(f"UCGM.loss: the {what} output has shape {tuple(F.shape)} but x has shape "
                              f"{tuple(x.shape)}; the model must return a tensor shaped like its input")
+        if F.device != x.device:
+            raise ValueError(f"UCGM.loss: the {what} output is on {F.device} but x is on {x.device}")
         if F.dtype != x.dtype and not (x.dtype == torch.float32 and F.dtype in _LOW):
             raise TypeError(f"UCGM.loss: the {what} output has dtype {F.dtype} but x has dtype {x.dtype}")
+        if like is not None and F.dtype != like.dtype:
+            raise TypeError(f"UCGM.loss: the {what} output has dtype {F.dtype} but the model's output at x_t "
+                            f"has dtype {like.dtype}; run every pass the same way (e.g. all under one autocast)")
 
     def loss(self, model, x, y, t=None, z=None) -> torch.Tensor:
         """The scalar UCGM training loss of one batch, differentiable w.r.t. the model's parameters.
@@ -378,12 +385,18 @@ class UCGM:
         else:
             check_data(op, x=x, z=z)
         lam, e, tr = self.consistency_ratio, self._ratio, self.transport
+        if self.cosine_loss and x.dim() < 2:
+            raise ValueError(f"{op}: cosine_loss needs data with a channel dimension (B, C, ...), got shape "
+                             f"{tuple(x.shape)}")
         null = self._null_class(model) if (ndrop > 0 or (lam == 0.0 and e != 0.0)) else None
         if ndrop:
             y = y.clone()
             y.narrow(0, B - ndrop, ndrop).fill_(null)  # a host-known bound: no mask, no sync
 
-        x_t, target = interpolate(x, z, t, tr)
+        # Everything is checked above and each model output as it comes: the ops' private runners
+        # skip the public functions' checks (host time that matters at training sizes).
+        lo, hi = self.enhanced_range
+        x_t, target = _interpolate(x, z, t, tr)
         F_t = model(x_t, t, y)
         self._check_output(F_t, x)
         F_d = F_t.detach()
@@ -391,30 +404,32 @@ class UCGM:
             if e != 0.0:
                 with torch.no_grad():
                     F_wo = self.target_network(model)(x_t, t, torch.full_like(y, null))
-                    self._check_output(F_wo, x, "target network")
-                    target = enhance_target(x, z, F_d, F_wo, t, tr, e, self.enhanced_range, ndrop,
-                                            return_target=True)
+                    self._check_output(F_wo, x, "target network", like=F_d)
+                    target = _enhance(x, z, F_d, F_wo, t, tr, e, lo, hi, ndrop, True)
         else:
             with torch.no_grad():
                 if e != 0.0:
                     # D = 0: the target network is the online model at the same input, i.e. F_t itself.
                     F_w = F_d if not self.uses_target_copy else self.target_network(model)(x_t, t, y)
                     self._check_output(F_w, x, "target network")
-                    x_tar, z_tar = enhance_target(x, z, F_w, None, t, tr, e, self.enhanced_range, ndrop)
+                    x_tar, z_tar = _enhance(x, z, F_w, None, t, tr, e, lo, hi, ndrop, False)
                 else:
                     x_tar, z_tar = x, z
-                inputs, r = fd_inputs(x_tar, z_tar, t, tr, lam, self.fd_eps)
+                inputs, r = _fd_inputs(x_tar, z_tar, t, tr, lam, self.fd_eps)
                 online = _unwrap_ddp(model)
                 if lam == 1.0 and self.batch_fd_passes:
                     F_2 = online(inputs, r, torch.cat([y, y]))
-                    self._check_output(F_2, inputs)
+                    self._check_output(F_2, inputs, like=F_d)
                     F_a, F_b = F_2[:B], F_2[B:]
-                elif lam == 1.0:
-                    F_a, F_b = online(inputs[:B], r[:B], y), online(inputs[B:], r[B:], y)
                 else:
-                    F_a, F_b = F_d, online(inputs, r, y)
-                target = fd_target(F_d, F_a, F_b, x_tar, z_tar, t, tr, lam, self.fd_eps)
-        return ucgm_loss(F_t, target, t, self.huber_eps, self.cosine_loss, self.time_weighting)
+                    if lam == 1.0:
+                        F_a, F_b = online(inputs[:B], r[:B], y), online(inputs[B:], r[B:], y)
+                        self._check_output(F_a, x, like=F_d)
+                    else:
+                        F_a, F_b = F_d, online(inputs, r, y)
+                    self._check_output(F_b, x, like=F_d)
+                target = _fd_target(F_d, F_a, F_b, x_tar, z_tar, t, tr, lam, self.fd_eps)
+        return _loss(F_t, target, t, self.huber_eps, self.cosine_loss, self.time_weighting is not None)
 
     __call__ = loss
 

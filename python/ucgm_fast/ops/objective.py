@@ -361,14 +361,21 @@ def enhance_target(x, z, F_w, F_wo, t, transport, ratio, enhanced_range=(0.0, 0.
     lo, hi = _range(op, enhanced_range)
     if isinstance(num_dropped, bool) or not isinstance(num_dropped, int) or not 0 <= num_dropped <= x.shape[0]:
         raise ValueError(f"{op}: num_dropped must be an int in [0, B={x.shape[0]}], got {num_dropped!r}")
-    tt = batch_times(op, t, x)
+    return _enhance(x, z, F_w, F_wo, batch_times(op, t, x), tr, e, lo, hi, num_dropped, bool(return_target))
+
+
+# The private runners below take checked arguments: t as its (B,) tensor, the Transport, plain
+# numbers. The public functions check and call them; UCGM.loss checks once per step and calls them
+# directly, since at training sizes the checks cost as much host time as the kernels.
+
+def _enhance(x, z, F_w, F_wo, tt, tr, e, lo, hi, ndrop, return_target):
     args = (x.detach(), z.detach(), F_w.detach(), None if F_wo is None else F_wo.detach(), tt)
     if tr.id is None:
-        out = reference.enhance_target_op(*args, num_dropped, e, lo, hi, tr, bool(return_target))
+        out = reference.enhance_target_op(*args, ndrop, e, lo, hi, tr, return_target)
     elif eager_fast_path(*args[:3], tt):
-        out = _enhance_kernel(*args, num_dropped, e, lo, hi, tr.id, bool(return_target))
+        out = _enhance_kernel(*args, ndrop, e, lo, hi, tr.id, return_target)
     else:
-        out = torch.ops.ucgm_fast.enhance_target(*args, num_dropped, e, lo, hi, tr.id, bool(return_target))
+        out = torch.ops.ucgm_fast.enhance_target(*args, ndrop, e, lo, hi, tr.id, return_target)
     return out[0] if return_target else out
 
 
@@ -400,7 +407,10 @@ def fd_inputs(x, z, t, transport, consistency_ratio, fd_eps=0.005):
     tr = get_transport(transport)
     check_data(op, x=x, z=z)
     lam, eps = _consistency(op, consistency_ratio), _fd_eps(op, fd_eps)
-    tt = batch_times(op, t, x)
+    return _fd_inputs(x, z, batch_times(op, t, x), tr, lam, eps)
+
+
+def _fd_inputs(x, z, tt, tr, lam, eps):
     if tr.id is None:
         return reference.fd_inputs_op(x, z, tt, lam, eps, tr)
     if eager_fast_path(x, z, tt):
@@ -446,7 +456,10 @@ def fd_target(F_t, F_a, F_b, x, z, t, transport, consistency_ratio, fd_eps=0.005
     if not (F_t.dtype == F_a.dtype == F_b.dtype):
         raise TypeError(f"{op}: F_t, F_a and F_b must share a dtype, got {F_t.dtype}, {F_a.dtype}, {F_b.dtype}")
     lam, eps = _consistency(op, consistency_ratio), _fd_eps(op, fd_eps)
-    tt = batch_times(op, t, x)
+    return _fd_target(F_t, F_a, F_b, x, z, batch_times(op, t, x), tr, lam, eps)
+
+
+def _fd_target(F_t, F_a, F_b, x, z, tt, tr, lam, eps):
     args = tuple(v.detach() for v in (F_t, F_a, F_b, x, z)) + (tt,)
     if tr.id is None:
         return reference.fd_target_op(*args, lam, eps, tr)
@@ -516,8 +529,10 @@ def ucgm_loss(F, target, t, huber_eps=0.0, cosine=False, time_weighting=False):
     if cosine and F.dim() < 2:
         raise ValueError(f"{op}: cosine=True needs F with a channel dimension (B, C, ...), got shape "
                          f"{tuple(F.shape)}")
-    tw = _time_weighting_flag(op, time_weighting)
-    tt = batch_times(op, t, target)
+    return _loss(F, target, batch_times(op, t, target), h, bool(cosine), _time_weighting_flag(op, time_weighting))
+
+
+def _loss(F, target, tt, h, cosine, tw):
     loss = _loss_kernel if eager_fast_path(F, target, tt) else \
         _EagerLoss.apply if plain_eager(F, target, tt) else torch.ops.ucgm_fast.ucgm_loss
-    return loss(F, target, tt, h, bool(cosine), tw)[0]
+    return loss(F, target, tt, h, cosine, tw)[0]

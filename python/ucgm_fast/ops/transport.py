@@ -118,16 +118,24 @@ torch.library.register_fake(f"{_NS}::coefficients", _coefficients_fake)
 # ---------------------------------------------------------------------------------------------
 
 def _apply(op: str, mode: int, data: dict, t, transport):
-    """Validates, puts t in its (B,) form and runs the mix op: reference, direct kernel or dispatcher."""
-    tr = get_transport(transport)
+    """Validates, puts t in its (B,) form and runs the mix op."""
     u, v = data.values()
     check_data(op, **data)
-    tt = batch_times(op, t, u)
+    return _run_mix(op, mode, u, v, batch_times(op, t, u), get_transport(transport))
+
+
+def _run_mix(op: str, mode: int, u, v, tt, tr):
+    """The mix op on checked arguments: reference, direct kernel or dispatcher."""
     if tr.id is None:
         return _REFERENCE[mode](u, v, tt, tr)
     if eager_fast_path(u, v):
         return _mix(u, v, tt, tr.id, mode)
     return getattr(torch.ops.ucgm_fast, op)(u, v, tt, tr.id)
+
+
+def _interpolate(x, z, tt, tr):
+    """:func:`interpolate` on checked arguments (t as its (B,) tensor, a Transport)."""
+    return _run_mix("interpolate", _INTERP, x, z, tt, tr)
 
 
 def coefficients(t, transport):
