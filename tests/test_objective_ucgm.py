@@ -408,6 +408,42 @@ class TestBadInput:
         ok = ucgm_fast.UCGM("Linear", 1.0, label_drop_ratio=0.0).loss(NoClasses(), x[:1], y[:1], t=t[:1], z=z[:1])
         assert torch.isfinite(ok)
 
+    def test_model_outputs_checked_before_the_kernels(self):
+        # UCGM.loss skips the public ops' checks, so it checks every model output itself.
+        x, z, y, t = (v.float() if v.is_floating_point() else v for v in BATCH)
+
+        class GradDtypeDiffers(torch.nn.Module):
+            """bfloat16 with grad (an autocast-like online pass), float32 without (a plain no-grad pass)."""
+            num_classes = 5
+
+            def forward(self, x_t, r, labels):
+                return x_t.bfloat16() if torch.is_grad_enabled() else x_t
+
+        class OtherDevice(torch.nn.Module):
+            num_classes = 5
+
+            def forward(self, x_t, r, labels):
+                return x_t if torch.is_grad_enabled() else x_t.to("meta")
+
+        for lam, kw in ((1.0, {}), (1.0, {"batch_fd_passes": False}), (0.5, {})):
+            ucgm = ucgm_fast.UCGM("Linear", lam, label_drop_ratio=0.25, **kw)
+            with pytest.raises(TypeError, match="has dtype torch.float32 but the model's output at x_t has dtype "
+                                               "torch.bfloat16"):
+                ucgm.loss(GradDtypeDiffers(), x, y, t=t, z=z)
+            with pytest.raises(ValueError, match="output is on meta but x is on cpu"):
+                ucgm.loss(OtherDevice(), x, y, t=t, z=z)
+        lam0 = ucgm_fast.UCGM("Linear", 0.0, enhanced_ratio=0.5, label_drop_ratio=0.25, target_ema_decay=0.0)
+        with pytest.raises(TypeError, match="target network output has dtype torch.float32"):
+            lam0.loss(GradDtypeDiffers(), x, y, t=t, z=z)
+        with pytest.raises(ValueError, match="cosine_loss needs data with a channel dimension"):
+            ucgm_fast.UCGM("Linear", 0.0, cosine_loss=True, label_drop_ratio=0.0).loss(
+                NoClassesFlat(), x.flatten()[:8], y, t=t, z=z.flatten()[:8])
+
+
+class NoClassesFlat(torch.nn.Module):
+    def forward(self, x_t, r, labels):
+        return x_t
+
 
 # ---------------------------------------------------------------------------------------------
 # CUDA: no host synchronization, CUDA graph capture
