@@ -280,5 +280,6 @@ def main(argv=None) -> int:
         return 130
     return 1 if errors or failed else 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
