@@ -276,6 +276,33 @@ def test_cuda_graph_replay_matches_eager():
 
 
 @cuda
+def test_cuda_graph_inside_autocast_does_not_keep_cached_casts():
+    # Autocast caches the bf16 casts of weights that require grad until its region ends; a graph
+    # captured reading such a cast would replay from freed memory once the region is left.
+    ucgm_fast.clear_graph_cache()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 16).cuda()  # parameters require grad: autocast caches their casts
+
+    class Model(torch.nn.Module):
+        num_classes = 4
+
+        def forward(self, x, t, y):
+            return lin(x).float() * 0.1 + x * t[:, None]
+
+    model, noise = Model(), torch.randn(8, 16, device="cuda")
+    kw = dict(steps=3, stochast_ratio=0.0, seed=1, y=torch.zeros(8, dtype=torch.long, device="cuda"))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = ucgm_fast.sample(model, noise, "Linear", **kw)
+        captured = ucgm_fast.sample(model, noise, "Linear", cuda_graph=True, **kw)
+    churn = [torch.randn(16, 16, device="cuda") for _ in range(64)]  # reuses whatever the region freed
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        replayed = ucgm_fast.sample(model, noise, "Linear", cuda_graph=True, **kw)
+    del churn
+    assert torch.equal(eager, captured) and torch.equal(eager, replayed)
+    assert len(ucgm_fast.sampler._GRAPHS) == 1
+
+
+@cuda
 def test_no_host_sync_in_loop():
     model = GaussianDenoiserCuda("TrigFlow")
     noise = noise_like(dtype=torch.float32).cuda()

@@ -242,6 +242,10 @@ class _Captured:
         with torch.cuda.stream(side):
             _run(*args)
         torch.cuda.current_stream(plan.noise.device).wait_stream(side)
+        # An autocast region around the call caches its weight casts until it ends. Casts cached
+        # before capture live outside the graph's memory pool and are freed when the region ends,
+        # so a graph that read them would replay from freed memory: it must make its own.
+        torch.clear_autocast_cache()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = _run(*args)
