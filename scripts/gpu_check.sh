@@ -14,6 +14,9 @@
 # end to end):
 #   DEADLINE=565 TEST_TIMEOUT=150 BENCH_TIMEOUT=150 E2E_TIMEOUT=320 PYTEST_ARGS="-q tests -k cuda" \
 #     bash scripts/gpu_check.sh
+# E2E_ARGS (default --quick) passes options to the end-to-end benchmark: E2E_ARGS="" runs the full set
+# (DiT-B/2 and DiT-XL/2 training steps at both lambdas, model eager and compiled), a call of its own:
+#   DEADLINE=580 STAGES="install e2e" E2E_TIMEOUT=540 E2E_ARGS="" bash scripts/gpu_check.sh
 # Results: benchmarks/results/<gpu>.{json,md,png}, <gpu>_e2e.* and <gpu>_pytest.log (e.g. nvidia-h100.json), also
 # copied into $OUT when it is set, with the whole log as gpu_check.log. Exit status: 0 only when every
 # step passed. Environment: PYTHON (default python3), PYTEST_ARGS (default "-q tests"),
@@ -115,8 +118,9 @@ fi
 
 if want e2e; then
   step "benchmark: end to end (DiT training step, sampling) --name ${NAME}_e2e"
-  timeout "$(limit "${E2E_TIMEOUT:-240}")" "$PY" benchmarks/run.py --device cuda --quick --name "${NAME}_e2e" \
-    --out-dir "$RESULTS" --ops end_to_end
+  # shellcheck disable=SC2086
+  timeout "$(limit "${E2E_TIMEOUT:-240}")" "$PY" benchmarks/run.py --device cuda ${E2E_ARGS---quick} \
+    --name "${NAME}_e2e" --out-dir "$RESULTS" --ops end_to_end
   rc=$?
   [ "$rc" -eq 0 ] || { failed+=("end-to-end benchmark (exit $rc)"); echo "end-to-end benchmark failed (exit $rc)"; }
   keep "$RESULTS/${NAME}_e2e".{json,md,png}
