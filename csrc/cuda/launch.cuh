@@ -38,8 +38,7 @@ inline int grid_size(int64_t work_items, int block) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(cap, (work_items + block - 1) / block)));
 }
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-// Whether p (null counts) may be read as Vec<T, V>.
+// Whether p (null counts: an absent optional output) may be read and written as Vec<T, V>.
 template <typename T, int V> inline bool vec_aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * V) == 0;
 }

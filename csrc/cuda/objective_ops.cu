@@ -24,11 +24,6 @@ int dispatch_pair_cuda(int data_dtype, int model_dtype, F&& f) {
 
 bool bad_transport(int transport) { return transport < 0 || transport >= kNumTransports; }
 
-template <typename S>
-bool vec_ok(const void* p) {
-  return p == nullptr || (reinterpret_cast<uintptr_t>(p) % (sizeof(S) * kVec)) == 0;
-}
-
 template <typename S, int V>
 __device__ __forceinline__ Vec<S, V> vload(const S* p, int64_t i) {
   return *reinterpret_cast<const Vec<S, V>*>(p + i);
@@ -115,9 +110,6 @@ __global__ void fd_target_kernel(const SM* __restrict__ ft, const SM* __restrict
 
 // ---- loss ---------------------------------------------------------------------------------------
 
-// Positions per thread and access: 16 bytes of a float32 F (8 of a 16-bit one).
-constexpr int kLossVec = 4;
-
 template <typename C>
 __device__ __forceinline__ C block_sum(C v, C* shared) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
@@ -144,8 +136,8 @@ __global__ void loss_partials_kernel(const SF* __restrict__ F, const ST* __restr
   for (int64_t p = chunk * kLossChunkPositions + int64_t(threadIdx.x) * V; p < p_end; p += int64_t(blockDim.x) * V) {
     C dot[V] = {}, ff[V] = {}, tt[V] = {};
     for (int64_t c = 0; c < channels; ++c) {
-      const Vec<SF, V> a = *reinterpret_cast<const Vec<SF, V>*>(F + base + c * positions + p);
-      const Vec<ST, V> y = *reinterpret_cast<const Vec<ST, V>*>(T + base + c * positions + p);
+      const Vec<SF, V> a = vload<SF, V>(F, base + c * positions + p);
+      const Vec<ST, V> y = vload<ST, V>(T, base + c * positions + p);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const C ak = load<C>(a.x[k]), yk = load<C>(y.x[k]);
@@ -210,8 +202,8 @@ __global__ void loss_backward_kernel(const C* __restrict__ grad, const SF* __res
     if (cosine) {
       C dot[V] = {}, ff[V] = {}, tt[V] = {};
       for (int64_t c = 0; c < channels; ++c) {
-        const Vec<SF, V> a = *reinterpret_cast<const Vec<SF, V>*>(F + base + c * positions);
-        const Vec<ST, V> y = *reinterpret_cast<const Vec<ST, V>*>(T + base + c * positions);
+        const Vec<SF, V> a = vload<SF, V>(F, base + c * positions);
+        const Vec<ST, V> y = vload<ST, V>(T, base + c * positions);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           const C aj = load<C>(a.x[j]), yj = load<C>(y.x[j]);
@@ -226,8 +218,8 @@ __global__ void loss_backward_kernel(const C* __restrict__ grad, const SF* __res
     const C kc = cosine ? g / C(positions) : C(0);
     for (int64_t c = 0; c < channels; ++c) {
       const int64_t i = base + c * positions;
-      const Vec<SF, V> a = *reinterpret_cast<const Vec<SF, V>*>(F + i);
-      const Vec<ST, V> y = *reinterpret_cast<const Vec<ST, V>*>(T + i);
+      const Vec<SF, V> a = vload<SF, V>(F, i);
+      const Vec<ST, V> y = vload<ST, V>(T, i);
       Vec<SF, V> da;
       Vec<ST, V> dy;
 #pragma unroll
@@ -236,8 +228,8 @@ __global__ void loss_backward_kernel(const C* __restrict__ grad, const SF* __res
         da.x[j] = store<SF>(k * (aj - yj) - kc * (cg[j].a * yj - cg[j].b * aj));
         dy.x[j] = store<ST>(-k * (aj - yj) - kc * (cg[j].a * aj - cg[j].c * yj));
       }
-      *reinterpret_cast<Vec<SF, V>*>(gF + i) = da;
-      if (gT) *reinterpret_cast<Vec<ST, V>*>(gT + i) = dy;
+      vstore<SF, V>(gF, i, da);
+      if (gT) vstore<ST, V>(gT, i, dy);
     }
   }
 }
@@ -256,8 +248,9 @@ int enhance_target_cuda(int data_dtype, int model_dtype, const void* x, const vo
     using SM = decltype(sm);
     using C = decltype(c);
     const auto st = static_cast<cudaStream_t>(stream);
-    const bool vec = row_size % kVec == 0 && vec_ok<SD>(x) && vec_ok<SD>(z) && vec_ok<SM>(F_w) && vec_ok<SM>(F_wo) &&
-                     (emit_target ? true : vec_ok<SD>(out1) && vec_ok<SD>(out2));
+    const bool vec = row_size % kVec == 0 && vec_aligned<SD, kVec>(x) && vec_aligned<SD, kVec>(z) &&
+                     vec_aligned<SM, kVec>(F_w) && vec_aligned<SM, kVec>(F_wo) &&
+                     (emit_target ? true : vec_aligned<SD, kVec>(out1) && vec_aligned<SD, kVec>(out2));
     auto launch = [&](auto kernel, int width) {
       kernel<<<grid_size(n / width, kBlock), kBlock, 0, st>>>(
           static_cast<const SD*>(x), static_cast<const SD*>(z), static_cast<const SM*>(F_w),
@@ -280,7 +273,8 @@ int fd_inputs_cuda(int data_dtype, const void* x, const void* z, const void* t, 
     using C = decltype(c);
     const int passes = C(lambda) == C(1) ? 2 : 1;
     const auto st = static_cast<cudaStream_t>(stream);
-    const bool vec = row_size % kVec == 0 && vec_ok<S>(x) && vec_ok<S>(z) && vec_ok<S>(x_out);
+    const bool vec =
+        row_size % kVec == 0 && vec_aligned<S, kVec>(x) && vec_aligned<S, kVec>(z) && vec_aligned<S, kVec>(x_out);
     auto launch = [&](auto kernel, int width) {
       kernel<<<grid_size(n * passes / width, kBlock), kBlock, 0, st>>>(
           static_cast<const S*>(x), static_cast<const S*>(z), static_cast<const C*>(t), t_stride,
@@ -302,8 +296,9 @@ int fd_target_cuda(int data_dtype, int model_dtype, const void* F_t, const void*
     using SM = decltype(sm);
     using C = decltype(c);
     const auto st = static_cast<cudaStream_t>(stream);
-    const bool vec = row_size % kVec == 0 && vec_ok<SM>(F_t) && vec_ok<SM>(F_a) && vec_ok<SM>(F_b) &&
-                     vec_ok<SD>(x) && vec_ok<SD>(z) && vec_ok<C>(target);
+    const bool vec = row_size % kVec == 0 && vec_aligned<SM, kVec>(F_t) && vec_aligned<SM, kVec>(F_a) &&
+                     vec_aligned<SM, kVec>(F_b) && vec_aligned<SD, kVec>(x) && vec_aligned<SD, kVec>(z) &&
+                     vec_aligned<C, kVec>(target);
     auto launch = [&](auto kernel, int width) {
       kernel<<<grid_size(n / width, kBlock), kBlock, 0, st>>>(
           static_cast<const SM*>(F_t), static_cast<const SM*>(F_a), static_cast<const SM*>(F_b),
@@ -331,8 +326,8 @@ int ucgm_loss_cuda(int f_dtype, int target_dtype, const void* F, const void* tar
             static_cast<const SF*>(F), static_cast<const ST*>(target), static_cast<C*>(workspace), chunks, channels,
             positions, cosine);
       };
-      if (positions % kLossVec == 0 && vec_aligned<SF, kLossVec>(F) && vec_aligned<ST, kLossVec>(target))
-        launch(loss_partials_kernel<SF, ST, C, kLossVec>);
+      if (positions % kVec == 0 && vec_aligned<SF, kVec>(F) && vec_aligned<ST, kVec>(target))
+        launch(loss_partials_kernel<SF, ST, C, kVec>);
       else
         launch(loss_partials_kernel<SF, ST, C, 1>);
     }
@@ -359,9 +354,9 @@ int ucgm_loss_backward_cuda(int f_dtype, int target_dtype, const void* grad_loss
           static_cast<const C*>(t), t_stride, static_cast<const C*>(row_root), static_cast<SF*>(grad_F),
           static_cast<ST*>(grad_target), rows, channels, positions, cosine, time_weighting);
     };
-    if (positions % kLossVec == 0 && vec_aligned<SF, kLossVec>(F) && vec_aligned<ST, kLossVec>(target) &&
-        vec_aligned<SF, kLossVec>(grad_F) && vec_aligned<ST, kLossVec>(grad_target))
-      launch(loss_backward_kernel<SF, ST, C, kLossVec>, kLossVec);
+    if (positions % kVec == 0 && vec_aligned<SF, kVec>(F) && vec_aligned<ST, kVec>(target) &&
+        vec_aligned<SF, kVec>(grad_F) && vec_aligned<ST, kVec>(grad_target))
+      launch(loss_backward_kernel<SF, ST, C, kVec>, kVec);
     else
       launch(loss_backward_kernel<SF, ST, C, 1>, 1);
     return launch_status();

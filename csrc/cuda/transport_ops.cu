@@ -66,7 +66,8 @@ int mix_cuda(int dtype, const void* u, const void* v, const void* t, int64_t t_s
     using C = decltype(c);
     constexpr int V = 16 / sizeof(S);
     const auto st = static_cast<cudaStream_t>(stream);
-    const bool vec = row_size % V == 0 && aligned16(u) && aligned16(v) && aligned16(out1) && aligned16(out2);
+    const bool vec = row_size % V == 0 && vec_aligned<S, V>(u) && vec_aligned<S, V>(v) && vec_aligned<S, V>(out1) &&
+                     vec_aligned<S, V>(out2);
     auto args = [&](auto kernel, int width) {
       kernel<<<grid_size(n / width, kBlock), kBlock, 0, st>>>(
           static_cast<const S*>(u), static_cast<const S*>(v), static_cast<const C*>(t), t_stride,
@@ -85,8 +86,8 @@ int coefficients_cuda(int dtype, const void* t, int64_t n, int transport, void* 
     using S = decltype(s);
     using C = decltype(c);
     constexpr int V = 16 / sizeof(S);
-    const bool vec = n % V == 0 && aligned16(t) && aligned16(alpha_in) && aligned16(gamma_in) &&
-                     aligned16(alpha_to) && aligned16(gamma_to);
+    const bool vec = n % V == 0 && vec_aligned<S, V>(t) && vec_aligned<S, V>(alpha_in) && vec_aligned<S, V>(gamma_in) &&
+                     vec_aligned<S, V>(alpha_to) && vec_aligned<S, V>(gamma_to);
     auto launch = [&](auto kernel, int width) {
       kernel<<<grid_size(n / width, kBlock), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(
           static_cast<const S*>(t), n, transport, static_cast<S*>(alpha_in), static_cast<S*>(gamma_in),
