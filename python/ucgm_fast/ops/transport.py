@@ -70,39 +70,42 @@ for _name, (_args, _mode) in _MIX_OPS.items():
     torch.library.register_fake(f"{_NS}::{_name}", _mix_fake)
 
 
-def _linear_autograd(name: str, adjoint: str):
-    # Every mix op is linear in its two tensor inputs, with the adjoint op as its transpose,
-    # so each one's backward is the other op: first and higher derivatives stay fused.
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[2])
-        ctx.transport = inputs[3]
-
-    def backward(ctx, g1, g2):
-        (t,) = ctx.saved_tensors
-        g1 = torch.zeros_like(g2) if g1 is None else g1
-        g2 = torch.zeros_like(g1) if g2 is None else g2
-        gu, gv = getattr(torch.ops.ucgm_fast, adjoint)(g1, g2, t, ctx.transport)
-        return gu, gv, None, None
-
-    torch.library.register_autograd(f"{_NS}::{name}", backward, setup_context=setup_context)
-
-
-_linear_autograd("interpolate", "interpolate_backward")
-_linear_autograd("interpolate_backward", "interpolate")
-_linear_autograd("decode", "decode_backward")
-_linear_autograd("decode_backward", "decode")
-
 _OP_NAME = {mode: name for name, (_, mode) in _MIX_OPS.items()}
 _ADJOINT = {_INTERP: _INTERP_ADJ, _INTERP_ADJ: _INTERP, _DECODE: _DECODE_ADJ, _DECODE_ADJ: _DECODE}
+
+
+def _mix_backward(mode: int, g1, g2, t, transport: int):
+    """Gradients of mix op ``mode`` w.r.t. its two tensor inputs.
+
+    Every mix op is linear in them, with the adjoint op as its transpose, so the backward is that op:
+    its kernel directly, or the op itself (differentiable again) when a graph of the backward is
+    being recorded, so first and higher derivatives stay fused.
+    """
+    g1 = torch.zeros_like(g2) if g1 is None else g1
+    g2 = torch.zeros_like(g1) if g2 is None else g2
+    adjoint = _ADJOINT[mode]
+    if eager_fast_path(g1, g2, t):
+        return _mix(g1, g2, t, transport, adjoint)
+    return getattr(torch.ops.ucgm_fast, _OP_NAME[adjoint])(g1, g2, t, transport)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2])
+    ctx.transport = inputs[3]
+
+
+for _name, (_, _mode) in _MIX_OPS.items():
+    def _backward(ctx, g1, g2, mode=_mode):
+        return *_mix_backward(mode, g1, g2, ctx.saved_tensors[0], ctx.transport), None, None
+
+    torch.library.register_autograd(f"{_NS}::{_name}", _backward, setup_context=_setup_context)
 
 
 class _EagerMix(torch.autograd.Function):
     """A mix op under eager autograd without the op's dispatch, as ops.objective._EagerLoss.
 
     Recording the op and running its registered backward cost ~100 us of Python per call, more
-    than the eager reference's whole forward and backward at small sizes. The backward is the
-    adjoint op: its kernel directly, or the op (differentiable again) when a graph of the
-    backward is being recorded.
+    than the eager reference's whole forward and backward at small sizes.
     """
 
     @staticmethod
@@ -113,15 +116,7 @@ class _EagerMix(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g1, g2):
-        (t,) = ctx.saved_tensors
-        g1 = torch.zeros_like(g2) if g1 is None else g1
-        g2 = torch.zeros_like(g1) if g2 is None else g2
-        adjoint = _ADJOINT[ctx.mode]
-        if eager_fast_path(g1, g2, t):
-            gu, gv = _mix(g1, g2, t, ctx.transport, adjoint)
-        else:
-            gu, gv = getattr(torch.ops.ucgm_fast, _OP_NAME[adjoint])(g1, g2, t, ctx.transport)
-        return gu, gv, None, None, None
+        return *_mix_backward(ctx.mode, g1, g2, ctx.saved_tensors[0], ctx.transport), None, None, None
 
 torch.library.define(f"{_NS}::coefficients", "(Tensor t, int transport) -> (Tensor, Tensor, Tensor, Tensor)")
 
