@@ -36,3 +36,12 @@ def assert_close_to_oracle(outs, oracle, torch_outs, dtype, inputs=()):
         if dtype in (torch.float16, torch.bfloat16):
             bound = max(2 * rel_err(peer, ref, *inputs), bound)
         assert err <= bound, f"error {err:.3g} > {bound:.3g} ({dtype})"
+
+
+def assert_same_bits(outs):
+    """Every list of output tensors in outs equals the first, bit for bit (dtype and shape too)."""
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            same = torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+            assert same, f"max diff {(a.double() - b.double()).abs().max()}"

@@ -11,6 +11,7 @@ import torch
 
 import ucgm_fast
 from ucgm_fast import _C
+from conftest import assert_same_bits
 
 ISAS = ucgm_fast.build_info()["cpu_isas"]
 pytestmark = pytest.mark.skipif(len(ISAS) < 2, reason="only one CPU instruction-set build here")
@@ -35,14 +36,6 @@ def under_each_isa(fn):
             out = fn()
         outs.append([o.detach().clone() for o in (out if isinstance(out, (tuple, list)) else (out,))])
     return outs
-
-
-def assert_same_bits(outs):
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert a.dtype == b.dtype and a.shape == b.shape
-            same = torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-            assert same, f"max diff {(a.double() - b.double()).abs().max()}"
 
 
 def randn(*shape, dtype, seed):

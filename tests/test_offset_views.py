@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ucgm_fast
-from conftest import DEVICES, rel_err
+from conftest import DEVICES, assert_same_bits, rel_err
 
 SHAPE = (6, 4, 8, 8)  # rows divide into 4-element vectors: only the alignment sends a kernel off the vector path
 
@@ -29,9 +29,7 @@ def rand(dtype, device, gen, shape=SHAPE):
 
 
 def same(a, b):
-    for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
-        assert u.dtype == v.dtype and u.shape == v.shape
-        assert torch.equal(u, v), f"max difference {(u.double() - v.double()).abs().max():.3g}"
+    assert_same_bits([a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)])
 
 
 @pytest.mark.parametrize("device", DEVICES)
