@@ -48,12 +48,22 @@ inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
 
 template <typename S, int V> struct alignas(sizeof(S) * V) Vec { S x[V]; };
 
+// Elements i .. i + V - 1 in one access (p + i aligned for Vec<S, V>: see vec_aligned).
+template <typename S, int V>
+__device__ __forceinline__ Vec<S, V> vload(const S* p, int64_t i) {
+  return *reinterpret_cast<const Vec<S, V>*>(p + i);
+}
+template <typename S, int V>
+__device__ __forceinline__ void vstore(S* p, int64_t i, const Vec<S, V>& v) {
+  *reinterpret_cast<Vec<S, V>*>(p + i) = v;
+}
+
 // V consecutive elements into (out of) a register array: one wide access when kWide, else V
 // scalar ones of which only the first `count` happen (a ragged tail).
 template <bool kWide, typename S, int V>
 __device__ __forceinline__ void load_vec(const S* p, S (&v)[V], int count) {
   if (kWide) {
-    const Vec<S, V> w = *reinterpret_cast<const Vec<S, V>*>(p);
+    const Vec<S, V> w = vload<S, V>(p, 0);
 #pragma unroll
     for (int k = 0; k < V; ++k) v[k] = w.x[k];
   } else {
@@ -67,7 +77,7 @@ __device__ __forceinline__ void store_vec(S* p, const S (&v)[V], int count) {
     Vec<S, V> w;
 #pragma unroll
     for (int k = 0; k < V; ++k) w.x[k] = v[k];
-    *reinterpret_cast<Vec<S, V>*>(p) = w;
+    vstore<S, V>(p, 0, w);
   } else {
 #pragma unroll
     for (int k = 0; k < V; ++k) if (k < count) p[k] = v[k];

@@ -24,15 +24,6 @@ int dispatch_pair_cuda(int data_dtype, int model_dtype, F&& f) {
 
 bool bad_transport(int transport) { return transport < 0 || transport >= kNumTransports; }
 
-template <typename S, int V>
-__device__ __forceinline__ Vec<S, V> vload(const S* p, int64_t i) {
-  return *reinterpret_cast<const Vec<S, V>*>(p + i);
-}
-template <typename S, int V>
-__device__ __forceinline__ void vstore(S* p, int64_t i, const Vec<S, V>& v) {
-  *reinterpret_cast<Vec<S, V>*>(p + i) = v;
-}
-
 // ---- enhance_target -----------------------------------------------------------------------------
 
 template <typename SD, typename SM, typename C, int V>

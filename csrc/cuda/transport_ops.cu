@@ -17,8 +17,7 @@ __global__ void mix_kernel(const S* __restrict__ u, const S* __restrict__ v, con
   for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < n; i += step) {
     // V divides row_size, so the V elements share one row and one matrix.
     const Mat2<C> m = mix_matrix<C>(transport, mode, t[(i / row_size) * t_stride]);
-    Vec<S, V> a = *reinterpret_cast<const Vec<S, V>*>(u + i);
-    Vec<S, V> b = *reinterpret_cast<const Vec<S, V>*>(v + i);
+    const Vec<S, V> a = vload<S, V>(u, i), b = vload<S, V>(v, i);
     Vec<S, V> r1, r2;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -26,8 +25,8 @@ __global__ void mix_kernel(const S* __restrict__ u, const S* __restrict__ v, con
       r1.x[k] = store<S>(m.a * x + m.b * y);
       r2.x[k] = store<S>(m.c * x + m.d * y);
     }
-    *reinterpret_cast<Vec<S, V>*>(o1 + i) = r1;
-    *reinterpret_cast<Vec<S, V>*>(o2 + i) = r2;
+    vstore<S, V>(o1, i, r1);
+    vstore<S, V>(o2, i, r2);
   }
 }
 
@@ -37,7 +36,7 @@ __global__ void coefficients_kernel(const S* __restrict__ t, int64_t n, int tran
                                     S* __restrict__ gi, S* __restrict__ at, S* __restrict__ gt) {
   const int64_t step = int64_t(gridDim.x) * blockDim.x * V;
   for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < n; i += step) {
-    const Vec<S, V> tv = *reinterpret_cast<const Vec<S, V>*>(t + i);
+    const Vec<S, V> tv = vload<S, V>(t, i);
     Vec<S, V> a, b, c, d;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -47,10 +46,10 @@ __global__ void coefficients_kernel(const S* __restrict__ t, int64_t n, int tran
       c.x[k] = store<S>(q.alpha_to);
       d.x[k] = store<S>(q.gamma_to);
     }
-    *reinterpret_cast<Vec<S, V>*>(ai + i) = a;
-    *reinterpret_cast<Vec<S, V>*>(gi + i) = b;
-    *reinterpret_cast<Vec<S, V>*>(at + i) = c;
-    *reinterpret_cast<Vec<S, V>*>(gt + i) = d;
+    vstore<S, V>(ai, i, a);
+    vstore<S, V>(gi, i, b);
+    vstore<S, V>(at, i, c);
+    vstore<S, V>(gt, i, d);
   }
 }
 
