@@ -24,10 +24,12 @@ fs_ckpt=$(ls "$fs"/checkpoints/*.pt | sort | tail -1)
   echo "== multi-step model, 30 steps, order 2 (Heun: 15 grid points, 29 model calls)"
   $ev --ckpt "$ms_ckpt" --steps 30 --order 2 --grid "$runs/${name}_ms30.png"
   echo "== multi-step model, 30 steps, order 1 (Euler)"; $ev --ckpt "$ms_ckpt" --steps 30 --order 1
-  echo "== multi-step model, 30 steps, extrapol_ratio 0.5";   $ev --ckpt "$ms_ckpt" --steps 30 --extrapol-ratio 0.5
-  echo "== multi-step model, 2 steps";            $ev --ckpt "$ms_ckpt" --steps 2 --grid "$runs/${name}_ms2.png"
+  echo "== multi-step model, 30 steps, order 1, extrapol_ratio 0.5"
+  $ev --ckpt "$ms_ckpt" --steps 30 --order 1 --extrapol-ratio 0.5
+  # --order 1: at 2 steps the config's order 2 would leave a single grid point (one model call).
+  echo "== multi-step model, 2 steps";   $ev --ckpt "$ms_ckpt" --steps 2 --order 1 --grid "$runs/${name}_ms2.png"
   echo "== multi-step model, 2 steps, few-step sampler settings"
-  $ev --ckpt "$ms_ckpt" --steps 2 --stochast-ratio 1.0 --rfba-gap-steps 0.001 0.6
+  $ev --ckpt "$ms_ckpt" --steps 2 --order 1 --stochast-ratio 1.0 --rfba-gap-steps 0.001 0.6
   echo "== few-step model, 2 steps";              $ev --ckpt "$fs_ckpt" --steps 2 --grid "$runs/${name}_fs2.png"
 } 2>&1 | tee -a "$log"
 echo "results in $log; grids $runs/${name}_{ms30,ms2,fs2}.png; training grids in $ms/samples, $fs/samples"
