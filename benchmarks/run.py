@@ -102,46 +102,53 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, budget:
            "bytes": w.nbytes, "device": device.type, "notes": []}
     flush = flusher is not None and w.nbytes is not None and w.nbytes >= flusher.l2_bytes
     row["l2_flushed"] = flush
+    row["in_turn"] = w.in_turn
     wrap = w.around or (lambda f: f)
-    run = lambda fn: timing.time_call(wrap(fn), w.args, device, w.budget or budget, flusher, flush)
+    b = w.budget or budget
+    timings, errs, first_s = {}, {}, {}
+
+    def run(name, fn):
+        """Calls one peer and checks its output; times it now, or later in turn with the others."""
+        t = f = wrap(fn)
+        if w.in_turn:  # timed below, in turn with the other peers
+            first_s[name], out = timing.first_call(f, w.args, device)
+        else:
+            t, out = timing.time_call(f, w.args, device, b, flusher, flush)
+        errs[name] = _err(out, ref)
+        timings[name] = t
+
+    def optional(name, fn, what):
+        try:
+            run(name, fn)
+        except Exception as exc:  # an optional peer's failure is reported, not fatal
+            row["notes"].append(f"{what} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
 
     with torch.set_grad_enabled(w.grad):
         ref = w.oracle() if w.oracle is not None else None
-
-        t_eager, out = run(w.eager)
-        row.update(_timing_fields("eager", t_eager))
-        row["eager_rel_err"] = _err(out, ref)
-        del out
-
-        row["compile_ms"] = row["compile_rel_err"] = row["compile_first_call_s"] = None
+        run("eager", w.eager)
         if not args.no_compile and w.compile_peer:
-            try:
-                t_comp, out = run(compiled.get(w.compiled or w.eager))
-                row.update(_timing_fields("compile", t_comp))
-                row["compile_first_call_s"] = t_comp.first_call_s
-                row["compile_rel_err"] = _err(out, ref)
-                del out
-            except Exception as exc:  # a peer that cannot compile here is reported, not fatal
-                row["notes"].append(f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-
-        t_fused, out = run(w.fused)
-        row.update(_timing_fields("fused", t_fused))
-        row["max_rel_err"] = _err(out, ref)
-        del out
-
-        row["peers"] = {}
+            optional("compile", compiled.get(w.compiled or w.eager), "torch.compile")
+        run("fused", w.fused)
         if not args.no_extra_peers:
             for name, fn in w.peers.items():
-                try:
-                    t_peer, out = run(fn)
-                except Exception as exc:  # an optional peer's failure is reported, not fatal
-                    row["notes"].append(f"peer {name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-                    continue
-                row["peers"][name] = {"ms": t_peer.median_ms, "min_ms": t_peer.min_ms, "max_ms": t_peer.max_ms,
-                                      "rel_err": _err(out, ref), "first_call_s": t_peer.first_call_s,
-                                      "speedup_of_fused": t_peer.median_ms / t_fused.median_ms}
-                del out
+                optional(name, fn, f"peer {name}")
+        if w.in_turn:
+            timings = timing.time_in_turn(timings, w.args, device, b, first_s)
     del ref
+
+    row.update(_timing_fields("eager", timings["eager"]))
+    row["eager_rel_err"] = errs["eager"]
+    row["compile_ms"] = row["compile_rel_err"] = row["compile_first_call_s"] = None
+    if "compile" in timings:
+        row.update(_timing_fields("compile", timings["compile"]))
+        row["compile_first_call_s"] = timings["compile"].first_call_s
+        row["compile_rel_err"] = errs["compile"]
+    t_fused = timings["fused"]
+    row.update(_timing_fields("fused", t_fused))
+    row["max_rel_err"] = errs["fused"]
+    row["peers"] = {name: {"ms": t.median_ms, "min_ms": t.min_ms, "max_ms": t.max_ms, "rel_err": errs[name],
+                           "first_call_s": t.first_call_s, "speedup_of_fused": t.median_ms / t_fused.median_ms}
+                    for name, t in timings.items() if name not in ("eager", "compile", "fused")}
 
     row["speedup_vs_eager"] = row["eager_ms"] / row["fused_ms"]
     row["speedup_vs_compile"] = row["compile_ms"] / row["fused_ms"] if row["compile_ms"] is not None else None

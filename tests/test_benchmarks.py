@@ -54,6 +54,7 @@ def test_smallest_every_case_runs_and_is_checked(tmp_path, capsys, device):
         assert r["gbps"] is None or r["gbps"] > 0
     assert {r["variant"] for r in rows if r["op"] == "objective"} == {"Linear,lambda=0", "Linear,lambda=1,enhanced"}
     e2e = {r["op"] + "/" + r["variant"].split(",")[1] for r in rows if r["group"] == "end_to_end"}
+    assert all(r["in_turn"] == (r["group"] == "end_to_end") for r in rows)
     assert e2e == {"train_step/lambda=0", "train_step/lambda=1", "sample/steps=2", "sample/steps=30"}
     assert result["copy_bandwidth"]["gbps"] > 0
     env_ = result["environment"]
@@ -137,6 +138,22 @@ def test_cpu_timing_reports_median_between_min_and_max():
     t, out = timing.time_call(torch.sqrt, (x,), torch.device("cpu"), timing.QUICK)
     assert torch.allclose(out, x.sqrt())
     assert 0 < t.min_ms <= t.median_ms <= t.max_ms and t.repeats >= timing.QUICK.min_repeats and t.inner >= 1
+
+
+def test_in_turn_timing_alternates_the_peers():
+    calls = []
+    fns = {name: (lambda x, name=name: calls.append(name) or x.sqrt()) for name in ("eager", "fused", "graph")}
+    x = torch.rand(100) + 0.5
+    first = {name: timing.first_call(fn, (x,), torch.device("cpu"))[0] for name, fn in fns.items()}
+    calls.clear()
+    budget = timing.Budget(warmup_s=0.0, sample_s=0.0, total_s=0.0, min_repeats=4, max_repeats=4)
+    t = timing.time_in_turn(fns, (x,), torch.device("cpu"), budget, first)
+    assert set(t) == set(fns)
+    # one warm-up call each, then one sample of each peer per round, in turn
+    assert calls == ["eager", "fused", "graph"] * 5
+    for name, tn in t.items():
+        assert tn.repeats == 4 and tn.inner == 1 and tn.first_call_s == first[name]
+        assert 0 < tn.min_ms <= tn.median_ms <= tn.max_ms
 
 
 @pytest.mark.parametrize("name,expected", [("NVIDIA H100 80GB HBM3", "nvidia-h100"), ("NVIDIA H200", "nvidia-h200"),

@@ -26,6 +26,10 @@ Sampling rows are checked against the published loop itself (float64 state, the 
 eager peer is handed noise drawn beforehand (the Philox stream ucgm_fast draws inside its kernel),
 which spares it drawing noise: a comparison tilted against the fused sampler. kappa = 1 at 2 steps
 (the few-step setting), 0 at 30 steps.
+
+Every row takes its peers' samples in turn (``timing.time_in_turn``): a call lasts up to seconds,
+and timed one peer after the other, a 2-core machine's drift showed up as a 10% "difference"
+between sampling loops whose profiles are identical.
 """
 from __future__ import annotations
 
@@ -150,7 +154,7 @@ def _train_workload(plan: Plan, name: str, shape: tuple, variant: str, compiled:
     # The step is bound by the model (bf16 autocast on CUDA): only a gross error is flagged there.
     tol = 0.1 if plan.device.type == "cuda" else 1e-3
     return Workload(args=(x, y, t, z), eager=published, fused=fused, oracle=oracle, tolerance=tol, grad=True,
-                    budget=SMOKE if smallest else BUDGET, compile_peer=False)
+                    budget=SMOKE if smallest else BUDGET, compile_peer=False, in_turn=True)
 
 
 class _UnderAutocast(torch.nn.Module):
@@ -196,7 +200,7 @@ def _sample_workload(plan: Plan, name: str, shape: tuple, steps: int) -> Workloa
     tol = 2e-2 if plan.device.type == "cuda" else 1e-4
     return Workload(args=args, eager=_published_sample, fused=_fused_sample, peers=peers,
                     oracle=lambda: _published_sample(*args), tolerance=tol, budget=SMOKE if plan.smallest else BUDGET,
-                    compile_peer=False)
+                    compile_peer=False, in_turn=True)
 
 
 def cases(plan: Plan):

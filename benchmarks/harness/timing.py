@@ -3,7 +3,8 @@
 CPU samples use ``time.perf_counter`` around ``inner`` back-to-back calls (enough calls for a
 sample to last a few milliseconds, so timer resolution and jitter stay small). CUDA samples use
 CUDA events on the current stream; at sizes that do not fit in L2 every sample times one call
-after a write that evicts L2, so no call reads the previous one's data from cache.
+after a write that evicts L2, so no call reads the previous one's data from cache. Rows whose
+calls take seconds (end to end) take their peers' samples in turn instead (``time_in_turn``).
 """
 from __future__ import annotations
 
@@ -67,45 +68,90 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def first_call(fn: Callable[..., Any], args: tuple, device: torch.device) -> tuple[float, Any]:
+    """Wall time of ``fn(*args)`` called alone (it carries torch.compile's compilation), and its output."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn(*args)
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def _warm_up(fn: Callable[..., Any], args: tuple, device: torch.device, budget: Budget) -> float:
+    """At least two warm-up calls (one when the budget asks for none: multi-second end-to-end rows);
+    returns the seconds per call they took."""
+    calls, start, least = 0, time.perf_counter(), 2 if budget.warmup_s > 0 else 1
+    while calls < least or time.perf_counter() - start < budget.warmup_s:
+        fn(*args)
+        _sync(device)
+        calls += 1
+    return max((time.perf_counter() - start) / calls, 1e-7)
+
+
+def _repeats(budget: Budget, seconds_per_repeat: float) -> int:
+    return min(max(int(budget.total_s / seconds_per_repeat), budget.min_repeats), budget.max_repeats)
+
+
+def _without_gc(sample: Callable[[], Any]) -> Any:
+    """sample() with the garbage collector off, so a collection cannot land inside one sample."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return sample()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _timing(samples: list[float], repeats: int, inner: int, first_call_s: float, flush: bool) -> Timing:
+    return Timing(median_ms=statistics.median(samples), min_ms=min(samples), max_ms=max(samples),
+                  repeats=repeats, inner=inner, first_call_s=first_call_s, l2_flushed=flush)
+
+
 def time_call(fn: Callable[..., Any], args: tuple, device: torch.device, budget: Budget,
               flusher: L2Flusher | None = None, flush: bool = False) -> tuple[Timing, Any]:
     """Times ``fn(*args)``; returns the timing and the output of the first call (for checking).
 
     The first call runs alone and is timed on the wall clock (it carries torch.compile's
-    compilation); warm-up follows, then the timed samples. The garbage collector is off while
-    sampling so a collection cannot land inside one sample.
+    compilation); warm-up follows, then the timed samples.
     """
     cuda = device.type == "cuda"
     flush = bool(cuda and flush and flusher is not None)
-    _sync(device)
-    start = time.perf_counter()
-    out = fn(*args)
-    _sync(device)
-    first_call_s = time.perf_counter() - start
-
-    # At least two warm-up calls, or one when the budget asks for none (multi-second end-to-end rows).
-    calls, start, least = 0, time.perf_counter(), 2 if budget.warmup_s > 0 else 1
-    while calls < least or time.perf_counter() - start < budget.warmup_s:
-        fn(*args)
-        if cuda:
-            _sync(device)
-        calls += 1
-    per_call = max((time.perf_counter() - start) / calls, 1e-7)
-
+    first_call_s, out = first_call(fn, args, device)
+    per_call = _warm_up(fn, args, device, budget)
     inner = 1 if flush else max(1, math.ceil(budget.sample_s / per_call))
-    repeats = int(budget.total_s / (inner * per_call))
-    repeats = min(max(repeats, budget.min_repeats), budget.max_repeats)
+    repeats = _repeats(budget, inner * per_call)
+    samples = _without_gc(lambda: _cuda_samples(fn, args, device, inner, repeats, flusher if flush else None)
+                          if cuda else _cpu_samples(fn, args, inner, repeats))
+    return _timing(samples, repeats, inner, first_call_s, flush), out
 
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        samples = _cuda_samples(fn, args, device, inner, repeats, flusher if flush else None) if cuda \
-            else _cpu_samples(fn, args, inner, repeats)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return Timing(median_ms=statistics.median(samples), min_ms=min(samples), max_ms=max(samples),
-                  repeats=repeats, inner=inner, first_call_s=first_call_s, l2_flushed=flush), out
+
+def time_in_turn(fns: dict[str, Callable[..., Any]], args: tuple, device: torch.device, budget: Budget,
+                 first_call_s: dict[str, float]) -> dict[str, Timing]:
+    """Times long calls (a training step, a sampling run), one sample of each function in turn.
+
+    Timed one after the other, functions that take up to seconds per call see different conditions
+    (other work on the machine, clocks and memory state drift over a row's minute); taken in turn,
+    every function's samples span the same stretch of time, so the ratio of their medians is
+    fair. Each function gets the repeats it would get alone. One call per sample, wall clock
+    around it with the device synchronized on both sides. Call each function once first
+    (:func:`first_call`): its time is passed in ``first_call_s``.
+    """
+    per_call = {name: _warm_up(fn, args, device, budget) for name, fn in fns.items()}
+    repeats = _repeats(budget, max(per_call.values()))
+
+    def sample() -> dict[str, list[float]]:
+        samples = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                _sync(device)
+                start = time.perf_counter()
+                fn(*args)
+                _sync(device)
+                samples[name].append((time.perf_counter() - start) * 1e3)
+        return samples
+
+    return {name: _timing(s, repeats, 1, first_call_s[name], False) for name, s in _without_gc(sample).items()}
 
 
 def _cpu_samples(fn, args, inner: int, repeats: int) -> list[float]:
