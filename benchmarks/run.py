@@ -102,7 +102,8 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, budget:
            "bytes": w.nbytes, "device": device.type, "notes": []}
     flush = flusher is not None and w.nbytes is not None and w.nbytes >= flusher.l2_bytes
     row["l2_flushed"] = flush
-    row["in_turn"] = w.in_turn
+    # On CPU every row, on CUDA the end-to-end rows (event timing with L2 flushes serves the others).
+    in_turn = row["in_turn"] = w.in_turn or device.type == "cpu"
     wrap = w.around or (lambda f: f)
     b = w.budget or budget
     timings, errs, first_s = {}, {}, {}
@@ -110,7 +111,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, budget:
     def run(name, fn):
         """Calls one peer and checks its output; times it now, or later in turn with the others."""
         t = f = wrap(fn)
-        if w.in_turn:  # timed below, in turn with the other peers
+        if in_turn:  # timed below, in turn with the other peers
             first_s[name], out = timing.first_call(f, w.args, device)
         else:
             t, out = timing.time_call(f, w.args, device, b, flusher, flush)
@@ -132,7 +133,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, budget:
         if not args.no_extra_peers:
             for name, fn in w.peers.items():
                 optional(name, fn, f"peer {name}")
-        if w.in_turn:
+        if in_turn:
             timings = timing.time_in_turn(timings, w.args, device, b, first_s)
     del ref
 

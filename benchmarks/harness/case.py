@@ -41,7 +41,7 @@ class Workload:
     tolerance: Optional[float] = None           # max_rel_err bound; default: per dtype, see accuracy.py
     budget: Optional[Any] = None                # timing.Budget overriding the run's (rows of seconds per call)
     compile_peer: bool = True                   # False: no torch.compile column (the row compiles what it needs)
-    in_turn: bool = False                       # time the peers' samples in turn (timing.time_in_turn): long calls
+    in_turn: bool = False                       # peers' samples in turn on CUDA too (timing.time_in_turn): long calls
 
 
 @dataclass

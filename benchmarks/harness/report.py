@@ -121,9 +121,9 @@ Method: each peer is called once (its wall time, which includes torch.compile's 
 `compile_first_call_s` in the JSON), warmed up, then timed as the median (min/max in the JSON, and
 `speedup_*_best` from the fastest samples, steadier on a shared machine) of
 repeated samples: `time.perf_counter` around back-to-back calls on CPU, CUDA events on CUDA, with L2
-evicted before every sample for rows that do not fit in L2. End-to-end rows (a training step, a
-sampling run) take one sample of each peer in turn, wall clock around one call with the device
-synchronized, so drift over the row's minute falls on every peer alike. Inputs are random normal data (never
+evicted before every sample for rows that do not fit in L2. CPU rows and end-to-end rows take one
+sample of each peer in turn (wall clock, device synchronized), so drift over the row (other work
+on the machine, clocks) falls on every peer alike. Inputs are random normal data (never
 zeros) with per-sample times in [0.02, 0.98]. *eager* is `ucgm_fast.reference` (the published
 formulas in PyTorch), *compile* is `torch.compile` of that same function, *fused* is ucgm_fast's op.
 GB/s counts the fewest bytes one fused call must move (inputs read once, outputs written once);

@@ -3,8 +3,8 @@
 CPU samples use ``time.perf_counter`` around ``inner`` back-to-back calls (enough calls for a
 sample to last a few milliseconds, so timer resolution and jitter stay small). CUDA samples use
 CUDA events on the current stream; at sizes that do not fit in L2 every sample times one call
-after a write that evicts L2, so no call reads the previous one's data from cache. Rows whose
-calls take seconds (end to end) take their peers' samples in turn instead (``time_in_turn``).
+after a write that evicts L2, so no call reads the previous one's data from cache. CPU rows and
+end-to-end rows take their peers' samples in turn instead (``time_in_turn``).
 """
 from __future__ import annotations
 
@@ -128,17 +128,19 @@ def time_call(fn: Callable[..., Any], args: tuple, device: torch.device, budget:
 
 def time_in_turn(fns: dict[str, Callable[..., Any]], args: tuple, device: torch.device, budget: Budget,
                  first_call_s: dict[str, float]) -> dict[str, Timing]:
-    """Times long calls (a training step, a sampling run), one sample of each function in turn.
+    """Times several functions on the same inputs, one sample of each in turn.
 
-    Timed one after the other, functions that take up to seconds per call see different conditions
-    (other work on the machine, clocks and memory state drift over a row's minute); taken in turn,
-    every function's samples span the same stretch of time, so the ratio of their medians is
-    fair. Each function gets the repeats it would get alone. One call per sample, wall clock
-    around it with the device synchronized on both sides. Call each function once first
-    (:func:`first_call`): its time is passed in ``first_call_s``.
+    Timed one after the other, peers see different conditions: on a shared machine other work,
+    clocks and memory state drift over a row's seconds (or, end to end, its minute). Taken in
+    turn, every peer's samples span the same stretch of time, so the ratio of their medians is
+    fair. A sample is ``inner`` back-to-back calls (``budget.sample_s`` long, as in
+    :func:`time_call`), wall clock around them with the device synchronized on both sides; each
+    peer gets the repeats it would get alone. Call each function once first (:func:`first_call`)
+    and pass that call's time in ``first_call_s``.
     """
     per_call = {name: _warm_up(fn, args, device, budget) for name, fn in fns.items()}
-    repeats = _repeats(budget, max(per_call.values()))
+    inner = {name: max(1, math.ceil(budget.sample_s / t)) for name, t in per_call.items()}
+    repeats = _repeats(budget, max(inner[name] * per_call[name] for name in fns))
 
     def sample() -> dict[str, list[float]]:
         samples = {name: [] for name in fns}
@@ -146,12 +148,14 @@ def time_in_turn(fns: dict[str, Callable[..., Any]], args: tuple, device: torch.
             for name, fn in fns.items():
                 _sync(device)
                 start = time.perf_counter()
-                fn(*args)
+                for _ in range(inner[name]):
+                    fn(*args)
                 _sync(device)
-                samples[name].append((time.perf_counter() - start) * 1e3)
+                samples[name].append((time.perf_counter() - start) * 1e3 / inner[name])
         return samples
 
-    return {name: _timing(s, repeats, 1, first_call_s[name], False) for name, s in _without_gc(sample).items()}
+    return {name: _timing(s, repeats, inner[name], first_call_s[name], False)
+            for name, s in _without_gc(sample).items()}
 
 
 def _cpu_samples(fn, args, inner: int, repeats: int) -> list[float]:
