@@ -21,22 +21,34 @@ UCGM_HD double usqrt(double x) { return sqrt(x); }
 
 template <typename C> struct Coeffs { C alpha_in, gamma_in, alpha_to, gamma_to; };
 
+// The math functions coefficients() calls: the C library's (the device's in CUDA code). The CPU's
+// per-element coefficient loop passes cpu/vec_math.h's VecMath instead, which vectorizes.
+struct LibMath {
+  template <typename C> UCGM_HD static C sin(C x) { return usin(x); }
+  template <typename C> UCGM_HD static C cos(C x) { return ucos(x); }
+  template <typename C> UCGM_HD static C exp(C x) { return uexp(x); }
+  template <typename C> UCGM_HD static C sqrt(C x) { return usqrt(x); }
+};
+
+// Whether a transport's coefficients call sin, cos or exp (Linear and ReLinear are polynomials).
+constexpr bool transcendental(int transport) { return transport != kLinear && transport != kReLinear; }
+
 // x_t = alpha_in z + gamma_in x,  target = alpha_to z + gamma_to x.
 // c = 1.57 (not pi/2) exactly as published, so released checkpoints keep working.
-template <typename C>
+template <typename C, typename M = LibMath>
 UCGM_HD Coeffs<C> coefficients(int transport, C t) {
   const C c = C(1.57);
   switch (transport) {
     case kLinear: return {t, C(1) - t, C(1), C(-1)};
     case kReLinear: return {C(1) - t, t, C(-1), C(1)};
-    case kTrigFlow: { C s = usin(c * t), k = ucos(c * t); return {s, k, k, -s}; }
-    case kTrigLinear: return {usin(c * t), ucos(c * t), C(1), C(-1)};
+    case kTrigFlow: { C s = M::sin(c * t), k = M::cos(c * t); return {s, k, k, -s}; }
+    case kTrigLinear: return {M::sin(c * t), M::cos(c * t), C(1), C(-1)};
     case kEDM: {
-      C s = uexp(C(4) * (C(2.68) * t - C(1.59)));
-      C r = C(1) / usqrt(s * s + C(0.25));
+      C s = M::exp(C(4) * (C(2.68) * t - C(1.59)));
+      C r = C(1) / M::sqrt(s * s + C(0.25));
       return {s * r, r, C(-0.5) * r, C(2) * s * r};
     }
-    default: return {usin(c * t), C(1) - t, C(1), C(-1) - uexp(C(-5) * t)};  // kRandom
+    default: return {M::sin(c * t), C(1) - t, C(1), C(-1) - M::exp(C(-5) * t)};  // kRandom
   }
 }
 
