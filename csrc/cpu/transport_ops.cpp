@@ -36,6 +36,8 @@ int mix_cpu(int dtype, const void* u, const void* v, const void* t, int64_t t_st
 // or NaN time take libm's. Times are in [0, 1] in practice.
 constexpr double kVecMathMaxT = 4.0;
 constexpr int64_t kVecMathBlock = 256;
+static_assert(4 * (2.68 * kVecMathMaxT + 1.59) < kVecMathMaxArg && 5 * kVecMathMaxT < kVecMathMaxArg,
+              "the exp arguments of EDM and Random must stay in VecMath's domain");
 
 int coefficients_cpu(int dtype, const void* t, int64_t n, int transport, void* alpha_in, void* gamma_in,
                      void* alpha_to, void* gamma_to) {
