@@ -15,8 +15,11 @@
 #   DEADLINE=565 TEST_TIMEOUT=150 BENCH_TIMEOUT=150 E2E_TIMEOUT=320 PYTEST_ARGS="-q tests -k cuda" \
 #     bash scripts/gpu_check.sh
 # E2E_ARGS (default --quick) passes options to the end-to-end benchmark: E2E_ARGS="" runs the full set
-# (DiT-B/2 and DiT-XL/2 training steps at both lambdas, model eager and compiled), a call of its own:
-#   DEADLINE=580 STAGES="install e2e" E2E_TIMEOUT=540 E2E_ARGS="" bash scripts/gpu_check.sh
+# (DiT-B/2 and DiT-XL/2 training steps at both lambdas, model eager and compiled). After the call above,
+# the rows --quick leaves out (DiT-XL/2 training, lambda = 0 compiled) should fit a second call:
+#   DEADLINE=580 STAGES="install e2e" E2E_TIMEOUT=540 E2E_SUFFIX=_e2e_train \
+#     E2E_ARGS="--match train_step/DiT-XL/2|lambda=0,model=compiled" bash scripts/gpu_check.sh
+# (E2E_SUFFIX, default _e2e, names that stage's result files: <gpu><suffix>.*).
 # Results: benchmarks/results/<gpu>.{json,md,png}, <gpu>_e2e.* and <gpu>_pytest.log (e.g. nvidia-h100.json), also
 # copied into $OUT when it is set, with the whole log as gpu_check.log. Exit status: 0 only when every
 # step passed. Environment: PYTHON (default python3), PYTEST_ARGS (default "-q tests"),
@@ -117,13 +120,14 @@ if want bench; then
 fi
 
 if want e2e; then
-  step "benchmark: end to end (DiT training step, sampling) --name ${NAME}_e2e"
+  E2E_NAME="${NAME}${E2E_SUFFIX:-_e2e}"
+  step "benchmark: end to end (DiT training step, sampling) --name $E2E_NAME"
   # shellcheck disable=SC2086
   timeout "$(limit "${E2E_TIMEOUT:-240}")" "$PY" benchmarks/run.py --device cuda ${E2E_ARGS---quick} \
-    --name "${NAME}_e2e" --out-dir "$RESULTS" --ops end_to_end
+    --name "$E2E_NAME" --out-dir "$RESULTS" --ops end_to_end
   rc=$?
   [ "$rc" -eq 0 ] || { failed+=("end-to-end benchmark (exit $rc)"); echo "end-to-end benchmark failed (exit $rc)"; }
-  keep "$RESULTS/${NAME}_e2e".{json,md,png}
+  keep "$RESULTS/$E2E_NAME".{json,md,png}
 fi
 
 step "results (copied into \$OUT as each stage ended)"
