@@ -46,12 +46,12 @@ struct BFloat16 { uint16_t bits; };
 inline uint32_t float_bits(float f) { uint32_t u; __builtin_memcpy(&u, &f, 4); return u; }
 inline float bits_float(uint32_t u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
 
-// Round-to-nearest-even, NaN kept quiet: the same rounding torch uses for .to(bfloat16).
+// Round-to-nearest-even, NaN kept quiet: the same rounding torch uses for .to(bfloat16). Branch-free
+// like to_half: both results are computed and one selected (NaN found by f != f, one vector compare).
 inline BFloat16 to_bf16(float f) {
-  uint32_t u = float_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return BFloat16{static_cast<uint16_t>((u >> 16) | 0x40)};
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return BFloat16{static_cast<uint16_t>(u >> 16)};
+  const uint32_t u = float_bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return BFloat16{static_cast<uint16_t>(f != f ? (u >> 16) | 0x40u : rounded)};
 }
 inline float from_bf16(BFloat16 h) { return bits_float(static_cast<uint32_t>(h.bits) << 16); }
 
