@@ -113,16 +113,17 @@ def time_call(fn: Callable[..., Any], args: tuple, device: torch.device, budget:
     """Times ``fn(*args)``; returns the timing and the output of the first call (for checking).
 
     The first call runs alone and is timed on the wall clock (it carries torch.compile's
-    compilation); warm-up follows, then the timed samples.
+    compilation); warm-up follows, then the timed samples: on CPU those of :func:`time_in_turn`
+    with ``fn`` alone, on CUDA event-timed ones.
     """
-    cuda = device.type == "cuda"
-    flush = bool(cuda and flush and flusher is not None)
     first_call_s, out = first_call(fn, args, device)
+    if device.type != "cuda":
+        return time_in_turn({"fn": fn}, args, device, budget, {"fn": first_call_s})["fn"], out
+    flush = bool(flush and flusher is not None)
     per_call = _warm_up(fn, args, device, budget)
     inner = 1 if flush else max(1, math.ceil(budget.sample_s / per_call))
     repeats = _repeats(budget, inner * per_call)
-    samples = _without_gc(lambda: _cuda_samples(fn, args, device, inner, repeats, flusher if flush else None)
-                          if cuda else _cpu_samples(fn, args, inner, repeats))
+    samples = _without_gc(lambda: _cuda_samples(fn, args, device, inner, repeats, flusher if flush else None))
     return _timing(samples, repeats, inner, first_call_s, flush), out
 
 
@@ -156,16 +157,6 @@ def time_in_turn(fns: dict[str, Callable[..., Any]], args: tuple, device: torch.
 
     return {name: _timing(s, repeats, inner[name], first_call_s[name], False)
             for name, s in _without_gc(sample).items()}
-
-
-def _cpu_samples(fn, args, inner: int, repeats: int) -> list[float]:
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn(*args)
-        samples.append((time.perf_counter() - start) * 1e3 / inner)
-    return samples
 
 
 def _cuda_samples(fn, args, device, inner: int, repeats: int, flusher: L2Flusher | None) -> list[float]:
