@@ -3,13 +3,13 @@
 // trigonometric and exponential transports then ran slower than eager PyTorch (whose sin / exp
 // are vectorized) on 4M times. Accurate to about 1e-7 relative (Cephes' single-precision
 // polynomials) inside their domain, |x| <= kVecMathMaxArg; callers check it and use libm outside.
-// double arguments go to libm. CPU only: the CUDA kernels keep the device's sinf / expf.
+// CPU only: the CUDA kernels keep the device's sinf / expf.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 
 #include "../ucgm/common.h"
+#include "../ucgm/transport.h"
 
 UCGM_NAMESPACE_BEGIN
 
@@ -51,16 +51,15 @@ inline SinCos vsincos(float x) {
   return {(q & 2) ? -sa : sa, ((q + 1) & 2) ? -ca : ca};
 }
 
-// The math policy of coefficients<C, M> (transport.h) for vectorized CPU loops.
-struct VecMath {
+// The math policy of coefficients<C, M> (transport.h) for vectorized CPU loops: LibMath with the
+// float sin / cos / exp above (sqrt, inlined under -fno-math-errno, and double stay LibMath's).
+struct VecMath : LibMath {
+  using LibMath::cos;
+  using LibMath::exp;
+  using LibMath::sin;
   static float sin(float x) { return vsincos(x).s; }
   static float cos(float x) { return vsincos(x).c; }
   static float exp(float x) { return vexp(x); }
-  static float sqrt(float x) { return std::sqrt(x); }  // inlined: the build has -fno-math-errno
-  static double sin(double x) { return std::sin(x); }
-  static double cos(double x) { return std::cos(x); }
-  static double exp(double x) { return std::exp(x); }
-  static double sqrt(double x) { return std::sqrt(x); }
 };
 
 UCGM_NAMESPACE_END
