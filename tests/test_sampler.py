@@ -192,6 +192,37 @@ def test_custom_transport_matches_builtin():
     assert rel_err(a, b) < 1e-12
 
 
+def test_step_tables_cached_per_setting():
+    # Each setting builds its tables once; a warm cache must give what a cold one gives, so every
+    # input of the tables has to be part of the key (a stale table would change the sample).
+    y = torch.tensor([1, 2, 3])
+    base = dict(transport="Linear", steps=7, order=2, stochast_ratio=0.3, extrapol_ratio=0.5, cfg_scale=2.0,
+                cfg_interval=(0.1, 0.9), seed=3, y=y, **KW)
+    variants = [{}, dict(steps=9), dict(order=1), dict(stochast_ratio="auto"), dict(stochast_ratio=0.7),
+                dict(extrapol_ratio=0.2), dict(cfg_scale=3.0), dict(cfg_interval=(0.0, 0.5)),
+                dict(time_dist_ctrl=(1.0, 1.3, 0.9)), dict(rfba_gap_steps=(0.01, 0.1)), dict(transport="TrigFlow"),
+                dict(noise=noise_like()), dict(noise=noise_like((2,) + SHAPE[1:], dtype=torch.float32), y=y[:2])]
+
+    def run(v):
+        kw = {**base, **v}
+        noise = kw.pop("noise", noise_like(dtype=torch.float32))
+        return ucgm_fast.sample(GaussianDenoiser(kw["transport"]), noise, **kw)
+
+    cold = []
+    for v in variants:
+        ucgm_fast.clear_graph_cache()
+        cold.append(run(v))
+    ucgm_fast.clear_graph_cache()
+    for _ in range(2):
+        for v, expected in zip(variants, cold):
+            assert torch.equal(run(v), expected), v
+    assert len(ucgm_fast.sampler._TABLES) == len(variants)
+    same = [v for v, c in zip(variants[1:-2], cold[1:-2]) if torch.equal(cold[0], c)]
+    assert not same  # each variation matters
+    ucgm_fast.clear_graph_cache()
+    assert not ucgm_fast.sampler._TABLES
+
+
 def test_bad_input():
     model = GaussianDenoiser("Linear")
     noise = noise_like()
@@ -267,6 +298,13 @@ def test_cuda_graph_replay_matches_eager():
         graph = ucgm_fast.sample(model, noise, "Linear", seed=seed, cuda_graph=True, **kw)
         assert torch.equal(eager, graph)
     assert len(ucgm_fast.sampler._GRAPHS) == 1  # captured once, replayed with new noise and seed
+    # Other settings with the same graph (kappa, guidance): its copies of the step tables are refilled.
+    for other in (dict(stochast_ratio=0.9, cfg_scale=3.0), kw):
+        noise = noise_like(seed=3, dtype=torch.float32).cuda()
+        eager = ucgm_fast.sample(model, noise, "Linear", seed=3, **{**kw, **other})
+        graph = ucgm_fast.sample(model, noise, "Linear", seed=3, cuda_graph=True, **{**kw, **other})
+        assert torch.equal(eager, graph)
+    assert len(ucgm_fast.sampler._GRAPHS) == 1
     # Autocast around the call changes the model's kernels: a graph of its own, not a replay of the first.
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager = ucgm_fast.sample(model, noise, "Linear", seed=3, **kw)

@@ -32,8 +32,9 @@ _GRAPHS: "OrderedDict[tuple, _Captured]" = OrderedDict()
 
 
 def clear_graph_cache() -> None:
-    """Drops every captured sampling graph (and the memory it holds)."""
+    """Drops every captured sampling graph (and the memory it holds) and the cached per-step tables."""
     _GRAPHS.clear()
+    _TABLES.clear()
 
 
 def _real(op, name, v):
@@ -56,6 +57,48 @@ def _num_classes(model) -> Optional[int]:
     if hasattr(m, "num_classes"):
         return m.num_classes
     return getattr(getattr(model, "_orig_mod", None), "num_classes", None)
+
+
+#: Per-step tables kept at most: building them (grid, kappa, guidance weights, device copies) costs
+#: more host time than a few-step loop's kernels, and a sampling run repeats the same settings.
+TABLE_CACHE_SIZE = 32
+_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    if dev.type == "cpu":
+        return t
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
+def _tables(steps, order, tr, time_dist, gaps, kappa, e, scale, interval, batch, t_dtype, dev):
+    """(sched (K, 4) float64: t, t', kappa, e; t_model (K + 1, batch); weight (K + 1,) float32) on dev.
+
+    Built once per setting (built-in transports; a custom one is not a stable key) and shared by
+    every call with it: they are only read, by the loop and when a captured graph's copies are filled.
+    """
+    key = (steps, order, tr.id, time_dist, gaps, kappa, e, scale, interval, batch, t_dtype, dev)
+    if tr.id is not None and key in _TABLES:
+        _TABLES.move_to_end(key)
+        return _TABLES[key]
+    grid = reference.time_grid(steps, order, tr, time_dist, gaps)  # also checks the transport
+    if not torch.isfinite(grid).all():
+        raise ValueError(f"sample: the time grid has non-finite values for time_dist_ctrl {time_dist}")
+    if kappa == "auto":  # published: fixed at the first step
+        kappa = reference.auto_stochast_ratio(tr, float(grid[0]), float(grid[1]))
+    iters = len(grid) - 1
+    sched = torch.empty(iters, 4, dtype=torch.float64)
+    sched[:, 0], sched[:, 1], sched[:, 2], sched[:, 3] = grid[:-1], grid[1:], kappa, e
+    # The model sees t in float32 (float64 for float64 noise), as published: t_cur.to(float32).
+    t_model = grid.to(t_dtype).reshape(-1, 1).expand(-1, batch).contiguous()
+    lo, hi = interval
+    weight = torch.where((grid >= lo) & (grid <= hi), scale, 1.0).to(torch.float32)
+    tables = tuple(_to_device(v, dev) for v in (sched, t_model, weight))
+    if tr.id is not None:
+        _TABLES[key] = tables
+        while len(_TABLES) > TABLE_CACHE_SIZE:
+            _TABLES.popitem(last=False)
+    return tables
 
 
 class _Plan:
@@ -104,9 +147,6 @@ class _Plan:
             raise TypeError(f"{op}: state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
         self.seed = fused.make_seed(op, seed, torch.device("cpu"))
         tr = get_transport(transport)
-        grid = reference.time_grid(int(steps), order, tr, (a, b, c), (g0, g1))  # also checks the transport
-        if not torch.isfinite(grid).all():
-            raise ValueError(f"{op}: the time grid has non-finite values for time_dist_ctrl {(a, b, c)}")
         # Guidance: off at scale 0, and at scale 1 (uncond + 1 (cond - uncond) = cond, one half suffices).
         self.cfg = scale not in (0.0, 1.0)
         if y is not None:
@@ -128,33 +168,19 @@ class _Plan:
 
         self.model, self.noise, self.tr, self.order, self.e = model, noise, tr, order, e
         self.state_dtype, self.trajectory, self.y = state_dtype, bool(return_trajectory), y
-        self.iters = len(grid) - 1
-        kappa = reference.auto_stochast_ratio(tr, float(grid[0]), float(grid[1])) if self.auto else kappa
-        sched = torch.zeros(self.iters, 4, dtype=torch.float64)
-        sched[:, 0], sched[:, 1], sched[:, 2], sched[:, 3] = grid[:-1], grid[1:], kappa, e
         batch = noise.shape[0] * (2 if self.cfg else 1)
         t_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
-        # The model sees t in float32 (float64 for float64 noise), as published: t_cur.to(float32).
-        t_model = grid.to(t_dtype).reshape(-1, 1).expand(-1, batch).contiguous()
-        inside = (grid >= lo) & (grid <= hi)
-        weight = torch.where(inside, torch.tensor(scale, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
         dev = noise.device
-        pin = dev.type == "cuda"
-        self.sched = self._to(sched, dev, pin)
-        self.t_model = self._to(t_model, dev, pin)
-        self.weight = self._to(weight.to(torch.float32), dev, pin)
-        self.seed = self._to(self.seed, dev, pin)
+        self.sched, self.t_model, self.weight = _tables(
+            int(steps), order, tr, (a, b, c), (g0, g1), "auto" if self.auto else kappa, e, scale, (lo, hi), batch,
+            t_dtype, dev)
+        self.iters = self.sched.shape[0]
+        self.seed = _to_device(self.seed, dev)
         # A captured graph holds the kernels the model launched, so an autocast region around the call
         # (which changes them) is part of what it was captured for.
         amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
         self.key = (id(model), tuple(noise.shape), noise.dtype, dev, state_dtype, self.iters, order, tr.id, e > 0,
                     self.cfg, None if y is None else (y.dtype, tuple(y.shape)), self.trajectory, amp)
-
-    @staticmethod
-    def _to(t, dev, pin):
-        if dev.type == "cpu":
-            return t
-        return (t.pin_memory() if pin else t).to(dev, non_blocking=True)
 
 
 def _run(plan: _Plan, noise: torch.Tensor, sched: torch.Tensor, t_model: torch.Tensor, weight: torch.Tensor,
@@ -234,6 +260,7 @@ class _Captured:
         self.noise = plan.noise.clone()
         self.sched, self.t_model = plan.sched.clone(), plan.t_model.clone()
         self.weight, self.seed = plan.weight.clone(), plan.seed.clone()
+        self.tables = (plan.sched, plan.t_model, plan.weight)  # the (cached, read-only) tables copied in
         self.y = None if plan.y is None else plan.y.clone()
         args = (plan, self.noise, self.sched, self.t_model, self.weight, self.seed, self.y)
         # Warm up on a side stream (lazy initializations must not happen during capture).
@@ -252,9 +279,11 @@ class _Captured:
 
     def replay(self, plan: _Plan):
         self.noise.copy_(plan.noise)
-        self.sched.copy_(plan.sched)
-        self.t_model.copy_(plan.t_model)
-        self.weight.copy_(plan.weight)
+        tables = (plan.sched, plan.t_model, plan.weight)
+        if any(a is not b for a, b in zip(tables, self.tables)):  # other settings of the same graph
+            for dst, src in zip((self.sched, self.t_model, self.weight), tables):
+                dst.copy_(src)
+            self.tables = tables
         self.seed.copy_(plan.seed)
         if self.y is not None:
             self.y.copy_(plan.y)
