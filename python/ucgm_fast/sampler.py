@@ -38,6 +38,8 @@ def clear_graph_cache() -> None:
 
 
 def _real(op, name, v):
+    if type(v) is float or type(v) is int:  # the common case, without numbers.Real's slow ABC check
+        return float(v)
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{op}: {name} must be a real number, got {type(v).__name__}")
     return float(v)
@@ -46,7 +48,7 @@ def _real(op, name, v):
 def _pair(op, name, v, n):
     if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != n:
         raise ValueError(f"{op}: {name} must be a sequence of {n} numbers, got {v!r}")
-    return tuple(_real(op, f"{name}[{i}]", x) for i, x in enumerate(v))
+    return tuple(_real(op, name, x) for x in v)
 
 
 def _num_classes(model) -> Optional[int]:
