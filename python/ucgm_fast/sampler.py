@@ -74,7 +74,7 @@ def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
 
 
 def _tables(steps, order, tr, time_dist, gaps, kappa, e, scale, interval, batch, t_dtype, dev):
-    """(sched (K, 4) float64: t, t', kappa, e; t_model (K + 1, batch); weight (K + 1,) float32) on dev.
+    """(sched (K, 4) float64: t, t', kappa, e; t_model (K + 1, batch), weight (K + 1,) in t_dtype) on dev.
 
     Built once per setting (built-in transports; a custom one is not a stable key) and shared by
     every call with it: they are only read, by the loop and when a captured graph's copies are filled.
@@ -94,7 +94,7 @@ def _tables(steps, order, tr, time_dist, gaps, kappa, e, scale, interval, batch,
     # The model sees t in float32 (float64 for float64 noise), as published: t_cur.to(float32).
     t_model = grid.to(t_dtype).reshape(-1, 1).expand(-1, batch).contiguous()
     lo, hi = interval
-    weight = torch.where((grid >= lo) & (grid <= hi), scale, 1.0).to(torch.float32)
+    weight = torch.ones_like(grid).masked_fill_((grid >= lo) & (grid <= hi), scale).to(t_dtype)
     tables = tuple(_to_device(v, dev) for v in (sched, t_model, weight))
     if tr.id is not None:
         _TABLES[key] = tables
@@ -338,8 +338,8 @@ def sample(model, noise, transport="Linear", steps=2, order=1, stochast_ratio=1.
         Also return every step's x_hat, stacked (steps_run, B, ...).
     cuda_graph : bool
         Capture the whole loop (model calls included) once per model, shape, dtype, step count and
-        autocast setting around the call, and replay it. The model's parameters must stay at the same addresses (in-place updates are fine);
-        see :func:`clear_graph_cache`.
+        autocast setting around the call, and replay it. The model's parameters must stay at the same
+        addresses (in-place updates are fine); see :func:`clear_graph_cache`.
     y : Tensor, optional
         Class labels (B,).
 
