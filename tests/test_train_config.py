@@ -96,6 +96,15 @@ def test_dotted_overrides_parse_yaml_values(tmp_path):
     assert cfg["model"]["options"] == {"depth": 2} and cfg["optimizer"]["max_grad_norm"] == 0.1
 
 
+def test_floats_written_with_an_exponent_are_numbers(tmp_path):
+    # YAML 1.1 reads 1e-4 (no dot) as a string; learning rates are written that way.
+    cfg = load_config(_write(tmp_path, "optimizer:\n  lr: 2e-4\n  min_lr: 1E-6\n  eps: 1.0e-8\n"),
+                      ["optimizer.weight_decay=3e-2", "train.max_minutes=1e1"])
+    assert cfg["optimizer"]["lr"] == 2e-4 and cfg["optimizer"]["min_lr"] == 1e-6 and cfg["optimizer"]["eps"] == 1e-8
+    assert cfg["optimizer"]["weight_decay"] == 0.03 and cfg["train"]["max_minutes"] == 10.0
+    assert load_config(None, ["exp_name=1e4x"])["exp_name"] == "1e4x"
+
+
 @pytest.mark.parametrize("text, names", [
     ("train:\n  max_step: 3\n", ["'train.max_steps'", "'train.max_step'"]),
     ("trainn:\n  max_steps: 3\n", ["'trainn'"]),
@@ -123,6 +132,10 @@ def test_unknown_override_is_named():
     ("train.compile=3", "train.compile"), ("transport.consistc_ratio=1.5", "transport.consistc_ratio"),
     ("data.name=cifar", "data.name"), ("sample.stochast_ratio=foo", "sample.stochast_ratio"),
     ("optimizer.lr_schedule=step", "optimizer.lr_schedule"), ("optimizer.min_lr=1.0", "optimizer.min_lr"),
+    # keys whose default is null are still typed once set
+    ("train.max_minutes=abc", "train.max_minutes"), ("exp_name=2024-01-01", "exp_name"),
+    ("train.threads=0", "train.threads"), ("model.in_chans=2.5", "model.in_chans"),
+    ("optimizer.max_grad_norm=[1]", "optimizer.max_grad_norm"), ("train.grid_size=0", "train.grid_size"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -2,6 +2,7 @@
 and the errors a user meets first (bad model name, data/model mismatch, foreign checkpoint)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -258,3 +259,90 @@ def test_resume_a_run_directory_without_its_config_file(tmp_path):
     assert ck.latest_checkpoint(os.path.join(cfg["output_dir"], "checkpoints")).endswith("0000005.pt")
     rows = [json.loads(line)["step"] for line in open(os.path.join(cfg["output_dir"], "metrics.jsonl"))]
     assert rows == [3, 5]
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 3)
+
+
+def test_resume_without_config_from_elsewhere_stays_in_the_run_directory(tmp_path, monkeypatch, capsys):
+    # The stored output_dir is relative to where the run started; a broken latest checkpoint is skipped.
+    started = tmp_path / "A"
+    started.mkdir()
+    monkeypatch.chdir(started)
+    train(load_config(tiny_config(tmp_path), ["train.max_steps=6", "train.ckpt_every=3", "train.keep_last=5",
+                                              "output_dir=runs/x"]))
+    ckdir = started / "runs" / "x" / "checkpoints"
+    _truncate(ckdir / "0000006.pt")
+    elsewhere = tmp_path / "B"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert train_main(["--resume", str(started / "runs" / "x"), "train.max_steps=9", "train.ckpt_every=9"]) == 0
+    assert "0000006.pt" in capsys.readouterr().err
+    assert not (elsewhere / "runs").exists()
+    assert sorted(os.listdir(ckdir)) == ["0000003.pt", "0000009.pt", "superseded"]
+    assert os.listdir(ckdir / "superseded") == ["0000006.pt"]  # the broken one, from the abandoned steps 4-6
+
+
+def test_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
+    cfg = load_config(tiny_config(tmp_path), ["train.max_steps=6", "train.ckpt_every=3", "train.keep_last=5"])
+    train(cfg)
+    ckdir = os.path.join(cfg["output_dir"], "checkpoints")
+    again = load_config(tiny_config(tmp_path), ["train.max_steps=5", "train.ckpt_every=1", "train.keep_last=1"])
+    summary = train(again, resume=os.path.join(ckdir, "0000003.pt"))
+    assert "moved 1 later checkpoint" in capsys.readouterr().err
+    # Pruning keeps the highest steps: left in place, the old 0000006.pt would have deleted the new ones.
+    assert sorted(os.listdir(ckdir)) == ["0000005.pt", "superseded"] and os.path.isfile(summary["checkpoint"])
+    assert os.listdir(os.path.join(ckdir, "superseded")) == ["0000006.pt"]
+
+
+def test_resume_applies_the_configs_optimizer_settings(tmp_path, capsys):
+    train(load_config(tiny_config(tmp_path), ["train.max_steps=2", "train.ckpt_every=2"]))
+    ckdir = tmp_path / "run" / "checkpoints"
+    train(load_config(tiny_config(tmp_path), ["train.max_steps=4", "train.ckpt_every=2", "optimizer.weight_decay=0.5",
+                                              "optimizer.beta2=0.9", "optimizer.eps=0.001"]), resume="")
+    opt = ck.load_checkpoint(str(ckdir / "0000004.pt"))["optimizer"]
+    group = opt["param_groups"][0]
+    assert group["weight_decay"] == 0.5 and tuple(group["betas"]) == (0.9, 0.9) and group["eps"] == 0.001
+    assert float(opt["state"][0]["step"]) == 4  # the moments went on from the checkpoint
+    # Another optimizer type: its moments would not mean the same, so it starts afresh (and says so).
+    train(load_config(tiny_config(tmp_path), ["train.max_steps=6", "train.ckpt_every=2", "optimizer.type=RAdam"]),
+          resume="")
+    assert "optimizer starts afresh" in capsys.readouterr().err
+    opt = ck.load_checkpoint(str(ckdir / "0000006.pt"))["optimizer"]
+    assert float(opt["state"][0]["step"]) == 2 and "fused" not in opt["param_groups"][0]
+
+
+def test_published_ckpt_among_the_runs_checkpoints_is_neither_resumed_nor_pruned(tmp_path):
+    cfg = load_config(tiny_config(tmp_path), ["train.max_steps=4", "train.ckpt_every=4"])
+    train(cfg)
+    ckdir = tmp_path / "tune" / "checkpoints"
+    ckdir.mkdir(parents=True)
+    # Published layout: train.ckpt names a file in the run's own checkpoints/ (here with a step past the run's).
+    shutil.copy(os.path.join(cfg["output_dir"], "checkpoints", "0000004.pt"), ckdir / "0000100.pt")
+    tune = ["train.ckpt=0000100.pt", "train.ckpt_every=1", "train.keep_last=1", "transport.consistc_ratio=1.0",
+            "transport.ema_decay_rate=1.0"]
+    train(load_config(tiny_config(tmp_path, "tune"), tune + ["train.max_steps=3"]))
+    assert sorted(os.listdir(ckdir)) == ["0000003.pt", "0000100.pt"]
+    summary = train(load_config(tiny_config(tmp_path, "tune"), tune + ["train.max_steps=4"]), resume="")
+    assert summary["step"] == 4
+    assert sorted(os.listdir(ckdir)) == ["0000004.pt", "0000100.pt"]
+
+
+def test_sample_cli_seed_defaults_to_the_configs(tmp_path):
+    from ucgm_fast.sample_cli import main as sample_main
+    import numpy as np
+
+    cfg = load_config(tiny_config(tmp_path), ["train.max_steps=1", "train.ckpt_every=1", "sample.seed=5"])
+    train(cfg)
+    src = os.path.join(cfg["output_dir"], "checkpoints", "0000001.pt")
+
+    def draw(*seed):
+        out = tmp_path / f"s{len(os.listdir(tmp_path))}.npz"
+        assert sample_main(["--ckpt", src, "--steps", "2", "--num", "4", "--device", "cpu", *seed,
+                            "--out", str(tmp_path / "g.png"), "--save-npz", str(out)]) == 0
+        return np.load(out)["samples"]
+
+    default = draw()
+    assert np.array_equal(default, draw("--seed", "5")) and not np.array_equal(default, draw("--seed", "0"))

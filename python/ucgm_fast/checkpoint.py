@@ -12,12 +12,12 @@ import hashlib
 import io
 import os
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
-           "load_latest_valid", "prune_checkpoints", "checkpoint_path"]
+           "load_latest_valid", "prune_checkpoints", "checkpoint_path", "checkpoint_step"]
 
 _MAGIC = b"UCGMCKPT"
 _TRAILER = len(_MAGIC) + 32
@@ -31,6 +31,14 @@ class CheckpointError(RuntimeError):
 def checkpoint_path(directory: str, step: int) -> str:
     """``directory/{step:07d}.pt``."""
     return os.path.join(directory, f"{step:07d}.pt")
+
+
+def checkpoint_step(path: str) -> int:
+    """The step in a checkpoint's file name ``NNNNNNN.pt``."""
+    m = _NAME.match(os.path.basename(path))
+    if m is None:
+        raise ValueError(f"{path!r} is not named like a checkpoint (NNNNNNN.pt)")
+    return int(m.group(1))
 
 
 def _fsync_dir(directory: str) -> None:
@@ -132,13 +140,15 @@ def latest_checkpoint(directory: str) -> Optional[str]:
     return found[-1] if found else None
 
 
-def load_latest_valid(directory: str, map_location="cpu", warn=print):
+def load_latest_valid(directory: str, map_location="cpu", warn=print, exclude: Iterable[str] = ()):
     """(path, payload) of the newest checkpoint in directory that verifies, skipping broken ones.
 
-    Each skipped file is reported through ``warn`` with the reason. Raises CheckpointError if the
-    directory holds checkpoints but none verifies, FileNotFoundError if it holds none.
+    Each skipped file is reported through ``warn`` with the reason; files in ``exclude`` (not this
+    run's, e.g. the checkpoint it was initialised from) are not considered. Raises CheckpointError
+    if the directory holds checkpoints but none verifies, FileNotFoundError if it holds none.
     """
-    found = list_checkpoints(directory)
+    skip = {os.path.abspath(p) for p in exclude}
+    found = [p for p in list_checkpoints(directory) if os.path.abspath(p) not in skip]
     if not found:
         raise FileNotFoundError(f"no checkpoints (NNNNNNN.pt) in {directory!r} to resume from")
     errors = []
@@ -151,10 +161,14 @@ def load_latest_valid(directory: str, map_location="cpu", warn=print):
     raise CheckpointError("no usable checkpoint in " + repr(directory) + ": " + "; ".join(errors))
 
 
-def prune_checkpoints(directory: str, keep_last: int) -> List[str]:
-    """Deletes all but the newest keep_last checkpoints and stale temp files; returns what it removed."""
+def prune_checkpoints(directory: str, keep_last: int, keep: Iterable[str] = ()) -> List[str]:
+    """Deletes all but the newest keep_last checkpoints and stale temp files; returns what it removed.
+
+    Files in ``keep`` are neither deleted nor counted (e.g. the checkpoint the run started from).
+    """
     removed = []
-    found = list_checkpoints(directory)
+    skip = {os.path.abspath(p) for p in keep}
+    found = [p for p in list_checkpoints(directory) if os.path.abspath(p) not in skip]
     for path in found[:-keep_last] if keep_last > 0 else found:
         os.remove(path)
         removed.append(path)

@@ -11,12 +11,26 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from typing import Any, Dict, Iterable, Optional
 
 import yaml
 
 __all__ = ["DEFAULTS", "ConfigError", "default_config", "load_config", "apply_overrides", "merge_config",
            "validate_config", "dump_config", "latent_size", "run_dir"]
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 safe loading, plus floats written without a dot (``1e-4``), which YAML 1.1 reads
+    as strings: learning rates are written that way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml(text_or_file) -> Any:
+    return yaml.load(text_or_file, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -33,7 +47,7 @@ DEFAULTS: Dict[str, Any] = {
     "data": {
         "name": "digits",            # digits | fashion-mnist | image-folder | latents
         "data_path": None,           # image-folder root / latents .npy|.npz file (published key)
-        "fid_reference_file": None,  # published key; an Inception statistics .npz for `ucgm-eval --inception`
+        "fid_reference_file": None,  # published key, accepted but not read (ucgm-eval scores against held-out data)
         "image_size": 8,             # pixel size; the model sees image_size // vae.downsample_ratio
         "num_classes": 10,
         "num_workers": 0,            # loader worker processes (0: in-process, bit-exact resume)
@@ -100,7 +114,7 @@ DEFAULTS: Dict[str, Any] = {
         "wt_cosine_loss": False,
     },
     "sample": {
-        "ckpt": None,                # published: checkpoint to sample from (ucgm-sample --ckpt overrides)
+        "ckpt": None,                # published key, accepted but not read (ucgm-sample / ucgm-eval take --ckpt)
         "type": "UNI",
         "cfg_scale": 0.0,
         "cfg_interval": [0.0, 0.75],
@@ -111,8 +125,8 @@ DEFAULTS: Dict[str, Any] = {
         "time_dist_ctrl": [1.0, 1.0, 1.0],
         "rfba_gap_steps": [0.001, 0.001],
         "per_batch_size": 250,
-        "fid_sample_num": 1000,
-        "seed": 0,
+        "fid_sample_num": 1000,      # published key, accepted but not read (ucgm-eval: eval.num_samples)
+        "seed": 0,                   # ucgm-sample / ucgm-eval seed unless --seed is given
     },
     "eval": {
         "num_samples": 1000,         # generated images scored by ucgm-eval
@@ -136,8 +150,13 @@ _CHOICES = {
 _LISTS = {"transport.enhanced_range": 2, "transport.time_dist_ctrl": 3, "sample.cfg_interval": 2,
           "sample.time_dist_ctrl": 3, "sample.rfba_gap_steps": 2}
 _POSITIVE_INTS = ("train.max_steps", "train.global_batch_size", "train.log_every", "train.ckpt_every",
-                  "train.keep_last", "sample.sampling_steps", "sample.per_batch_size", "data.image_size",
-                  "data.num_classes", "vae.downsample_ratio", "eval.num_samples")
+                  "train.keep_last", "train.grid_size", "sample.sampling_steps", "sample.per_batch_size",
+                  "data.image_size", "data.num_classes", "vae.downsample_ratio", "eval.num_samples")
+# Keys whose default is null (unset), with the type a set value must have ("int+": an integer >= 1).
+_OPTIONAL = {"exp_name": str, "data.data_path": str, "data.fid_reference_file": str, "vae.type": str,
+             "model.in_chans": "int+", "train.ckpt": str, "train.init_from": str, "train.max_minutes": float,
+             "train.threads": "int+", "optimizer.max_grad_norm": float, "sample.ckpt": str,
+             "eval.classifier_epochs": "int+", "eval.cache_dir": str}
 
 
 def merge_config(base: Dict[str, Any], update: Dict[str, Any], schema: Optional[Dict[str, Any]] = None,
@@ -195,7 +214,7 @@ def _flat_keys(d: Dict[str, Any], prefix: str = "") -> Iterable[str]:
 def _parse_value(text: str) -> Any:
     # YAML scalars: numbers, booleans, null, [lists]; anything else stays a string.
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return _yaml(text) if text != "" else ""
     except yaml.YAMLError:
         return text
 
@@ -230,7 +249,7 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Di
             raise ConfigError(f"config file {path!r} does not exist")
         with open(path, "r", encoding="utf-8") as f:
             try:
-                data = yaml.safe_load(f) or {}
+                data = _yaml(f) or {}
             except yaml.YAMLError as err:
                 raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
@@ -269,6 +288,17 @@ def validate_config(cfg: Dict[str, Any]) -> None:
                 raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
         elif isinstance(default, str) and not isinstance(value, str):
             raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+    for key, kind in _OPTIONAL.items():
+        value = _get(cfg, key)
+        if value is None:
+            continue
+        if kind is str and not isinstance(value, str):
+            raise ConfigError(f"config key {key!r} must be a string or null, got {value!r}")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is float and not number:
+            raise ConfigError(f"config key {key!r} must be a number or null, got {value!r}")
+        if kind == "int+" and not (number and isinstance(value, int) and value >= 1):
+            raise ConfigError(f"config key {key!r} must be an integer >= 1 or null, got {value!r}")
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:

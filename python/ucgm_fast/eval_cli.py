@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="training checkpoint (.pt)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: config sample.sampling_steps)")
     p.add_argument("--num", type=int, default=None, help="samples to score (default: config eval.num_samples)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: config sample.seed)")
     p.add_argument("--repeats", type=int, default=1,
                    help="score this many sample sets (seeds seed, seed+1, ...) and report mean and spread: "
                         "FD at N=1000 moves by about +-10%% between seeds")
@@ -68,6 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         device = resolve_device(args.device)
         model, cfg, payload = load_model_from_checkpoint(args.ckpt, use_ema=not args.no_ema)
+        if args.seed is None:
+            args.seed = int(cfg["sample"]["seed"])
         if cfg["data"]["name"] == "latents":
             raise ConfigError("ucgm-eval scores pixel datasets; latents need their VAE decoder first "
                               "(decode ucgm-sample --save-npz output and use an Inception FID)")

@@ -7,11 +7,11 @@ gradient, ``mul_/add_`` per EMA tensor). Here each stage is a handful of multi-t
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-__all__ = ["make_optimizer", "lr_at", "ema_update", "ema_init", "FlatGrads"]
+__all__ = ["make_optimizer", "load_optimizer_state", "lr_at", "ema_update", "ema_init", "FlatGrads"]
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], type: str = "AdamW", lr: float = 1e-4,
@@ -31,6 +31,19 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], type: str = "AdamW", lr
     if type == "RAdam":
         return torch.optim.RAdam(params, foreach=True, decoupled_weight_decay=True, **kwargs)
     raise ValueError(f"optimizer type: unknown optimizer {type!r}; valid: AdamW, Adam, RAdam")
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    """Loads ``state``'s per-parameter moments into ``opt``, keeping ``opt``'s own group settings.
+
+    ``Optimizer.load_state_dict`` also restores the saved hyper-parameters (weight decay, betas, eps,
+    fused / foreach); the config the run was started with must win over them, so an override on
+    resume takes effect. (The learning rate is set every step by the schedule anyway.)
+    """
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, own in zip(opt.param_groups, settings):
+        group.update(own)
 
 
 def lr_at(step: int, total_steps: int, lr: float, lr_schedule: str = "constant", warmup_steps: int = 0,

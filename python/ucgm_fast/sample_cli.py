@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=100, help="number of samples (default 100)")
     p.add_argument("--labels", default=None,
                    help="comma-separated class labels, cycled (default: 0..num_classes-1 cycled)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: config sample.seed)")
     add_sampler_arguments(p)
     p.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -82,6 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError("--num and --steps must be >= 1")
         device = resolve_device(args.device)
         model, cfg, payload = load_model_from_checkpoint(args.ckpt, use_ema=not args.no_ema)
+        if args.seed is None:
+            args.seed = int(cfg["sample"]["seed"])
         model = model.to(device)
         if args.labels:
             try:
@@ -89,7 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except ValueError:
                 raise ConfigError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
             if (base < 0).any() or (base > model.num_classes).any():
-                raise ConfigError(f"--labels must lie in [0, {model.num_classes}] ({model.num_classes} = unconditional)")
+                raise ConfigError(f"--labels must lie in [0, {model.num_classes}] "
+                                  f"({model.num_classes} = unconditional)")
             labels = base[torch.arange(args.num) % len(base)]
         else:
             labels = grid_labels(model.num_classes, args.num)

@@ -29,7 +29,7 @@ from . import checkpoint as ckpt_io
 from .data import InfiniteLoader
 from .config import (ConfigError, apply_overrides, dump_config, latent_size, load_config, merge_config, run_dir,
                      validate_config)
-from .optim import EMA, FlatGrads, ema_init, lr_at, make_optimizer
+from .optim import EMA, FlatGrads, ema_init, load_optimizer_state, lr_at, make_optimizer
 from .plots import save_grid, save_loss_curve, to_display
 
 __all__ = ["main", "train", "build_model", "build_dataset", "model_config", "check_model_config",
@@ -266,8 +266,12 @@ class _Log:
             (bar.write if bar is not None else print)(msg, file=sys.stderr)
 
 
-def _resolve_resume(resume: str, directory: str, warn):
-    """(path, payload) for --resume: a checkpoint file, a run directory, or '' (this run's latest)."""
+def _resolve_resume(resume: str, directory: str, warn, exclude=()):
+    """(path, payload) for --resume: a checkpoint file, a run directory, or '' (this run's latest).
+
+    In a directory, the newest checkpoint that verifies, leaving out ``exclude`` (the checkpoint
+    the run was initialised from, when the published layout put it among the run's own).
+    """
     if resume and os.path.isfile(resume):
         try:
             return resume, ckpt_io.load_checkpoint(resume)
@@ -282,17 +286,46 @@ def _resolve_resume(resume: str, directory: str, warn):
         raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint file or run directory")
     base = resume or directory
     ckdir = os.path.join(base, "checkpoints") if os.path.isdir(os.path.join(base, "checkpoints")) else base
-    return ckpt_io.load_latest_valid(ckdir, warn=warn)
+    return ckpt_io.load_latest_valid(ckdir, warn=warn, exclude=exclude)
 
 
-def _init_source(cfg: Dict[str, Any], ckdir: str) -> Optional[str]:
+def _init_source(cfg: Dict[str, Any], ckdir: str, must_exist: bool = True) -> Optional[str]:
     """The checkpoint to initialise from: train.init_from, else the published train.ckpt."""
     src = cfg["train"]["init_from"] or cfg["train"]["ckpt"]
     if src and not os.path.isfile(src) and os.path.isfile(os.path.join(ckdir, src)):
         src = os.path.join(ckdir, src)  # published: a file name inside the run's checkpoints/
-    if src and not os.path.isfile(src):
+    if src and must_exist and not os.path.isfile(src):
         raise FileNotFoundError(f"train.init_from / train.ckpt: checkpoint {src!r} does not exist")
-    return src
+    return src or None
+
+
+def _load_optimizer(opt, payload: Dict[str, Any], cfg: Dict[str, Any], path: str, warn) -> None:
+    """The checkpoint's optimizer moments, under the config's settings; none if the type changed."""
+    saved = ((payload.get("config") or {}).get("optimizer") or {}).get("type")
+    if saved is not None and saved != cfg["optimizer"]["type"]:
+        warn(f"warning: {path} holds {saved} optimizer state but optimizer.type is {cfg['optimizer']['type']}; "
+             "the optimizer starts afresh")
+        return
+    load_optimizer_state(opt, payload["optimizer"])
+
+
+def _set_aside_later(ckdir: str, step: int, warn, exclude=()) -> None:
+    """Moves this run's checkpoints past ``step`` (but not ``exclude``) into checkpoints/superseded/.
+
+    Resuming from an earlier checkpoint abandons what came after it; left in place, those files
+    would be picked by the next ``--resume`` and keep pruning from deleting the new ones (it keeps
+    the highest steps). Moved, not deleted: they are still the user's.
+    """
+    skip = {os.path.abspath(p) for p in exclude}
+    later = [p for p in ckpt_io.list_checkpoints(ckdir)
+             if ckpt_io.checkpoint_step(p) > step and os.path.abspath(p) not in skip]
+    if not later:
+        return
+    aside = os.path.join(ckdir, "superseded")
+    os.makedirs(aside, exist_ok=True)
+    for path in later:
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
+    warn(f"resuming at step {step}: moved {len(later)} later checkpoint(s) of this run to {aside}")
 
 
 def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
@@ -306,9 +339,13 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
     ckdir = os.path.join(out_dir, "checkpoints")
     warn = (lambda m: print(m, file=sys.stderr)) if main_proc else (lambda m: None)
 
+    # The published layout may put the checkpoint this run starts from among its own: it is never
+    # resumed from (it is not this run's state) nor pruned (it is the user's source model).
+    src_in_ckdir = [p for p in [_init_source(cfg, ckdir, must_exist=False)]
+                    if p and os.path.dirname(os.path.abspath(p)) == os.path.abspath(ckdir)]
     payload, resume_path = None, None
     if resume is not None:
-        resume_path, payload = _resolve_resume(resume, out_dir, warn)
+        resume_path, payload = _resolve_resume(resume, out_dir, warn, exclude=src_in_ckdir)
         warn(f"resuming from {resume_path} (step {payload['step']})")
 
     # Seeds first: model init, then the objective's draws, follow from them on every rank.
@@ -328,9 +365,11 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
         check_model_config(payload["model_config"], mcfg, resume_path)
         _load_state(model, payload["model"], resume_path)
         _load_state(ema, payload["ema"], resume_path)
-        opt.load_state_dict(payload["optimizer"])
+        _load_optimizer(opt, payload, cfg, resume_path, warn)
         objective.load_state_dict(_to_device(payload["objective"], device))
         step = int(payload["step"])
+        if main_proc:
+            _set_aside_later(ckdir, step, warn, exclude=src_in_ckdir)
         rngs = payload.get("rng") or []
         if len(rngs) == world:
             _set_rng_state(rngs[rank], device)
@@ -347,7 +386,7 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
             _load_state(model, init[tcfg["init_weights"]], src)
             ema_init(ema, model)
             if not tcfg["no_reopt"]:
-                opt.load_state_dict(init["optimizer"])
+                _load_optimizer(opt, init, cfg, src, warn)
             if not tcfg["no_reuni"]:
                 objective.load_state_dict(_to_device(init["objective"], device))
             warn(f"initialised from {src} (step {init['step']}; {tcfg['init_weights']} weights)")
@@ -364,8 +403,8 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
                           broadcast_buffers=not tcfg["no_buffer"])
 
     if tcfg["global_batch_size"] % world or len(dataset) < tcfg["global_batch_size"]:
-        raise ValueError(f"train.global_batch_size ({tcfg['global_batch_size']}) must be divisible by the number "
-                         f"of processes ({world}) and at most the dataset's {len(dataset)} items")
+        raise ConfigError(f"train.global_batch_size ({tcfg['global_batch_size']}) must be divisible by the number "
+                          f"of processes ({world}) and at most the dataset's {len(dataset)} items")
     batches = InfiniteLoader(dataset, tcfg["global_batch_size"] // world, seed=tcfg["global_seed"], device=device,
                              rank=rank, world_size=world, start=step, num_workers=cfg["data"]["num_workers"])
     ema_tail = EMA(ema, model)
@@ -400,7 +439,7 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
                 "optimizer": opt.state_dict(), "objective": objective.state_dict(), "rng": rngs,
                 "data": batches.state_dict(), "config": cfg, "model_config": mcfg, "world_size": world,
                 "version": 1}, path)
-            ckpt_io.prune_checkpoints(ckdir, tcfg["keep_last"])
+            ckpt_io.prune_checkpoints(ckdir, tcfg["keep_last"], keep=src_in_ckdir)
             log.info(f"saved {path}", bar)
 
     def grid(at_step: int, final: bool = False):
@@ -525,14 +564,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.resume = ""
     try:
         if args.config is None and args.resume:
-            # Resume without a config: the checkpoint's own config, plus any overrides.
-            path = args.resume
-            if os.path.isdir(path):
-                ck = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-                path = ckpt_io.latest_checkpoint(ck) or path
-            cfg = merge_config(load_config(None, []), ckpt_io.load_checkpoint(path)["config"])
+            # Resume without a config: the checkpoint's own config, plus any overrides. The run goes
+            # on in the directory it is resumed from, wherever the command runs: the stored
+            # output_dir may be relative to where the run was started.
+            path, payload = _resolve_resume(args.resume, args.resume, lambda m: print(m, file=sys.stderr))
+            cfg = merge_config(load_config(None, []), payload["config"])
+            ckdir = os.path.dirname(os.path.abspath(path))
+            if os.path.basename(ckdir) == "checkpoints":
+                cfg["output_dir"], cfg["exp_name"] = os.path.dirname(ckdir), None
             cfg = apply_overrides(cfg, args.overrides)
             validate_config(cfg)
+            args.resume = path
         elif args.config is None:
             raise ConfigError("--config is required (or --resume PATH to continue a run)")
         else:
