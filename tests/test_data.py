@@ -120,6 +120,30 @@ def test_image_folder(tmp_path):
         get_dataset("image-folder", root=tmp_path, size=8, channels=2)
 
 
+def test_image_folder_wide_samples_grey_detection_and_limit(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ramp = np.array([[0, 1000], [30000, 65535]], dtype=np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "a" / "wide.png")  # 16-bit grey
+    for i in range(4):
+        Image.fromarray(np.full((2, 2), 64 * i, dtype=np.uint8)).save(tmp_path / "b" / f"{i}.png")
+    # 16-bit samples are scaled by their full range, not clipped at 255 (which made them all white)
+    grey = get_dataset("image-folder", split="all", root=tmp_path, size=2, channels=None)
+    assert grey.images.shape == (5, 1, 2, 2)  # every image grey: one channel
+    expected = torch.tensor(ramp / 65535.0 * 2 - 1, dtype=torch.float32)
+    assert torch.allclose(grey.images[0, 0], expected, atol=1e-5)
+    rgb = get_dataset("image-folder", split="all", root=tmp_path, size=2, channels=3)
+    assert torch.allclose(rgb.images[0], expected.expand(3, 2, 2), atol=1e-5)
+    Image.fromarray(np.zeros((2, 2, 3), dtype=np.uint8)).save(tmp_path / "b" / "colour.png")
+    assert get_dataset("image-folder", split="all", root=tmp_path, size=2, channels=None).in_channels == 3
+    # limit takes a fixed subset across the folder, not the first rows (all of the first class)
+    lim = get_dataset("image-folder", split="all", root=tmp_path, size=2, limit=3)
+    assert len(lim) == 3 and lim.labels.tolist() != [0, 0, 0]
+    assert torch.equal(lim.labels, get_dataset("image-folder", split="all", root=tmp_path, size=2, limit=3).labels)
+
+
 def test_latents_npz_and_npy(tmp_path):
     x = np.random.default_rng(0).standard_normal((12, 4, 4, 4)).astype(np.float32) * 5
     y = np.arange(12) % 3

@@ -38,11 +38,23 @@ def test_classifier_is_accurate_and_cached(classifier, digits, cache_dir):
 def test_corrupt_cache_is_retrained_and_low_accuracy_raises(digits, tmp_path):
     train, test = digits
     small = train.subset(torch.arange(64))
-    path = tmp_path / f"classifier-digits-{metrics._dataset_digest(small)}.pt"
+    path = tmp_path / f"classifier-digits-{metrics._dataset_digest(small)}-e1-b64.pt"
     path.write_bytes(b"not a checkpoint")
     # 64 images, 1 epoch: far from accurate, so the check refuses it (and the corrupt file was not trusted).
     with pytest.raises(RuntimeError, match="held-out accuracy"):
         metrics.load_or_train_classifier(small, heldout=test, cache_dir=tmp_path, epochs=1, min_accuracy=0.95)
+
+
+def test_cache_is_per_training_setting_and_checks_the_floor(digits, tmp_path):
+    train, test = digits
+    small = train.subset(torch.arange(64))
+    weak = metrics.load_or_train_classifier(small, heldout=test, cache_dir=tmp_path, epochs=1, min_accuracy=0.0)
+    assert weak.accuracy < 0.9
+    with pytest.raises(RuntimeError, match="held-out accuracy"):  # cached, but below the floor asked for now
+        metrics.load_or_train_classifier(small, heldout=test, cache_dir=tmp_path, epochs=1, min_accuracy=0.9)
+    more = metrics.load_or_train_classifier(small, heldout=test, cache_dir=tmp_path, epochs=3, min_accuracy=0.0)
+    assert len(list(tmp_path.glob("classifier-*.pt"))) == 2  # more epochs: trained, not the cached one
+    assert any(not torch.equal(a, b) for a, b in zip(weak.state_dict().values(), more.state_dict().values()))
 
 
 def test_frechet_distance_known_values():

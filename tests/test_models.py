@@ -29,14 +29,14 @@ def inputs(batch=3, channels=1, size=8, num_classes=10, seed=0):
 
 
 def test_registry_has_every_size_and_patch():
-    expected = {f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)}
+    expected = {f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (1, 2, 4, 8)}
     assert set(DiT_models) == expected
     assert ucgm_fast.get_model is get_model
 
 
 @pytest.mark.parametrize("name, depth, hidden, heads, patch", [
     ("DiT-S/2", 12, 384, 6, 2), ("DiT-B/4", 12, 768, 12, 4), ("DiT-L/8", 24, 1024, 16, 8),
-    ("DiT-XL/2", 28, 1152, 16, 2)])
+    ("DiT-XL/2", 28, 1152, 16, 2), ("DiT-XL/1", 28, 1152, 16, 1), ("DiT-B/1", 12, 768, 12, 1)])
 def test_registry_sizes(name, depth, hidden, heads, patch):
     with torch.device("meta"):  # no memory or init cost for the large configs
         model = get_model(name, input_size=32, in_channels=4, num_classes=1000)
@@ -57,7 +57,7 @@ def test_dit_s2_parameter_count():
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown model .DiT-M/2.; valid names: DiT-XL/2.*DiT-S/8"):
+    with pytest.raises(ValueError, match=r"unknown model .DiT-M/2.; valid names: DiT-XL/1.*DiT-S/8"):
         get_model("DiT-M/2")
 
 

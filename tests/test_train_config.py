@@ -142,6 +142,22 @@ def test_bad_values_name_the_key(override, key):
         load_config(None, [override])
 
 
+def test_latents_get_the_published_scaling_and_no_heldout_split(tmp_path):
+    import numpy as np
+    from ucgm_fast.train import build_dataset
+
+    x = np.random.default_rng(0).standard_normal((40, 4, 2, 2)).astype(np.float32) * 3 + 1
+    np.savez(tmp_path / "lat.npz", latents=x, labels=np.arange(40) % 4)
+    cfg = load_config(None, ["data.name=latents", f"data.data_path={tmp_path / 'lat.npz'}", "data.num_classes=4",
+                             "data.image_size=2", "data.latent_norm=true", "data.latent_multiplier=0.5"])
+    data = build_dataset(cfg, "train")
+    expected = (x - x.mean((0, 2, 3), keepdims=True)) / x.std((0, 2, 3), ddof=1, keepdims=True) * 0.5
+    assert len(data) == 40 and np.allclose(data.images.numpy(), expected, atol=1e-5)
+    # A held-out part would be left out of training (published: the whole file) or leak into it.
+    with pytest.raises(ConfigError, match="no held-out split"):
+        build_dataset(cfg, "test")
+
+
 def test_shipped_configs_load():
     names = sorted(os.listdir(CONFIG_DIR))
     assert any("digits" in n for n in names) and any("fashion" in n for n in names)

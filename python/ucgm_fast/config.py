@@ -60,7 +60,7 @@ DEFAULTS: Dict[str, Any] = {
         "downsample_ratio": 1,       # published key: pixels per latent cell
     },
     "model": {
-        "type": "DiT-S/2",           # registry name, e.g. DiT-S/2 .. DiT-XL/8
+        "type": "DiT-S/2",           # registry name, DiT-S/1 .. DiT-XL/8 (or TiT-*)
         "in_chans": None,            # None: the dataset's channel count
         "options": _FREE,            # extra keyword arguments of get_model (TiT options: qk_norm, ...)
     },

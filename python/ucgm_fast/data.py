@@ -95,8 +95,11 @@ def holdout_split(labels: torch.Tensor, fraction: float, seed: int = 0):
 def _select_split(data: ImageDataset, split: str, fraction: float, seed: int) -> ImageDataset:
     if split == "all":
         return data
-    if fraction == 0.0 and split == "test":
-        raise ValueError(f"{data.name}: split='test' needs holdout_fraction > 0")
+    if fraction == 0.0:
+        if split == "test":
+            raise ValueError(f"{data.name}: split='test' needs holdout_fraction > 0")
+        data.split = split  # nothing held out: the data itself, not a copy (latent files are large)
+        return data
     train, test = holdout_split(data.labels, fraction, seed)
     out = data.subset(train if split == "train" else test)
     out.split = split
@@ -108,7 +111,11 @@ def _limit(data: ImageDataset, limit):
         return data
     if not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    return data.subset(torch.arange(min(limit, len(data))))
+    if limit >= len(data):
+        return data
+    # A fixed random subset, in the data's order: the first rows of a class-sorted folder are one class.
+    rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit]
+    return data.subset(rows.sort().values)
 
 
 #################################################################################
@@ -177,9 +184,38 @@ def load_fashion_mnist(split: str = "train", root=None) -> ImageDataset:
     return ImageDataset(tensor, torch.from_numpy(labels.astype(np.int64)), 10, "fashion-mnist", split, names)
 
 
-def load_image_folder(root, size: int, split: str = "train", channels: int = 3, holdout_fraction: float = 0.1,
+# Pillow modes with more than 8 bits per sample, and their full-scale value: convert("L") / ("RGB")
+# would clip these at 255 instead of rescaling. Pillow opens 16-bit PNG / TIFF as I;16* or I.
+_WIDE_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+_GREY_MODES = ("1", "L", "LA", "La", *_WIDE_MODES)
+
+
+def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """One image as (channels, size, size) float32 in [0, 255]: centre square, bicubic resize."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode in _WIDE_MODES:  # one channel of 16/32-bit samples: rescale to [0, 255] in float ("F")
+            im = Image.fromarray(np.asarray(im, dtype=np.float32) * np.float32(255.0 / _WIDE_MODES[im.mode]))
+        else:
+            im = im.convert("L" if channels == 1 else "RGB")
+        w, h = im.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+        array = np.asarray(im, dtype=np.float32).reshape(size, size, -1)
+    if array.shape[-1] != channels:  # a wide grey image read as RGB
+        array = np.repeat(array, channels, axis=-1)
+    return np.clip(array, 0.0, 255.0).transpose(2, 0, 1)
+
+
+def load_image_folder(root, size: int, split: str = "train", channels=3, holdout_fraction: float = 0.1,
                       seed: int = 0) -> ImageDataset:
-    """root/<class>/<image>: centre-cropped to a square, resized to size x size, pixels mapped to [-1, 1]."""
+    """root/<class>/<image>: centre-cropped to a square, resized to size x size, pixels mapped to [-1, 1].
+
+    ``channels`` is 1 (grey), 3 (RGB) or None: 1 when every image is grey, else 3. Images with
+    16-bit samples are scaled by their full range (65535), float images by 1.
+    """
     from PIL import Image
 
     if root is None:
@@ -189,26 +225,24 @@ def load_image_folder(root, size: int, split: str = "train", channels: int = 3, 
         raise FileNotFoundError(f"image-folder: {root} is not a directory")
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"image-folder: size must be a positive integer, got {size!r}")
-    if channels not in (1, 3):
-        raise ValueError(f"image-folder: channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    if channels not in (1, 3, None):
+        raise ValueError(f"image-folder: channels must be 1 (grey), 3 (RGB) or None (the images'), got {channels!r}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"image-folder: {root} has no class subfolders")
-    images, labels = [], []
-    for index, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        for path in files:
-            with Image.open(path) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
-                w, h = im.size
-                side = min(w, h)
-                left, top = (w - side) // 2, (h - side) // 2
-                im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-                array = np.asarray(im, dtype=np.float32).reshape(size, size, channels)
-            images.append(array.transpose(2, 0, 1))
-            labels.append(index)
-    if not images:
+    files = [(index, sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS))
+             for index, name in enumerate(classes)]
+    if not any(paths for _, paths in files):
         raise ValueError(f"image-folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    if channels is None:  # opening an image reads its header only
+        grey = True
+        for _, paths in files:
+            for path in paths:
+                with Image.open(path) as im:
+                    grey = grey and im.mode in _GREY_MODES
+        channels = 1 if grey else 3
+    images = [_read_image(path, size, channels) for _, paths in files for path in paths]
+    labels = [index for index, paths in files for _ in paths]
     tensor = torch.from_numpy(np.stack(images)).div_(127.5).sub_(1.0)
     data = ImageDataset(tensor, torch.tensor(labels, dtype=torch.int64), len(classes), "image-folder", "all",
                         classes)

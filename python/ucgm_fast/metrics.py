@@ -157,9 +157,9 @@ def load_or_train_classifier(dataset, heldout: ImageDataset = None, cache_dir=No
         The held-out split for the accuracy check (required when ``dataset`` is an ImageDataset).
     cache_dir : path, optional
         Where classifiers are kept (default ``$UCGM_CACHE_DIR`` or ``~/.cache/ucgm_fast``), one file per
-        dataset name, shape and content hash.
+        dataset name, content hash, epochs and batch size.
     min_accuracy : float
-        A freshly trained classifier below this held-out accuracy raises RuntimeError: features of a
+        A classifier (fresh or cached) below this held-out accuracy raises RuntimeError: features of a
         classifier that did not learn the classes make every score meaningless.
     epochs : int, optional
         Training epochs (default: 10 for datasets under 5000 images, else 4). Measured on this busy
@@ -169,26 +169,32 @@ def load_or_train_classifier(dataset, heldout: ImageDataset = None, cache_dir=No
     train, heldout = _train_and_heldout("load_or_train_classifier", dataset, heldout, **dataset_kw)
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     name = (train.name or "dataset").replace("/", "_")
-    path = cache_dir / f"classifier-{name}-{_dataset_digest(train)}.pt"
+    if epochs is None:
+        epochs = 10 if len(train) < 5000 else 4
+    batch_size = 64 if len(train) < 5000 else 128
+    # One file per data and training settings: a classifier trained for other epochs is another one.
+    path = cache_dir / f"classifier-{name}-{_dataset_digest(train)}-e{epochs}-b{batch_size}.pt"
+    model = None
     if path.exists():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             model = FeatureClassifier(saved["in_channels"], saved["num_classes"], saved["width"])
             model.load_state_dict(saved["state_dict"])
-            model.eval()
-            model.accuracy = float(saved["accuracy"])
-            return model
+            accuracy = float(saved["accuracy"])
         except Exception as exc:  # a corrupt cache entry is retrained, never trusted
+            model = None
             if verbose:
                 print(f"classifier cache {path} unreadable ({exc}); retraining")
-    if epochs is None:
-        epochs = 10 if len(train) < 5000 else 4
-    batch_size = 64 if len(train) < 5000 else 128
-    model, accuracy = train_classifier(train, heldout, epochs=epochs, batch_size=batch_size, verbose=verbose)
-    if accuracy < min_accuracy:
+    fresh = model is None
+    if fresh:
+        model, accuracy = train_classifier(train, heldout, epochs=epochs, batch_size=batch_size, verbose=verbose)
+    if accuracy < min_accuracy:  # also for a cached one: the floor asked for now is what counts
         raise RuntimeError(f"the feature classifier for {name} reached only {accuracy:.3f} held-out accuracy "
                            f"(< min_accuracy={min_accuracy}); its features would not measure sample quality")
+    model.eval()
     model.accuracy = accuracy
+    if not fresh:
+        return model
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"in_channels": model.in_channels, "num_classes": model.num_classes, "width": model.width,

@@ -76,8 +76,9 @@ def check_model_config(found: Dict[str, Any], wanted: Dict[str, Any], path: str)
 def build_dataset(cfg: Dict[str, Any], split: str = "train"):
     """The :class:`ucgm_fast.data.ImageDataset` of ``data.*``, split 'train' or 'test' (held out).
 
-    Latents get the published scaling: standardised per channel with the train split's statistics
-    when ``data.latent_norm``, then multiplied by ``data.latent_multiplier``.
+    Latents get the published scaling: standardised per channel with their statistics when
+    ``data.latent_norm``, then multiplied by ``data.latent_multiplier``. A latent file is all
+    training data (as published): it has no held-out split.
     """
     from . import data as data_mod
 
@@ -85,13 +86,15 @@ def build_dataset(cfg: Dict[str, Any], split: str = "train"):
     name = d["name"]
     kw: Dict[str, Any] = {}
     if name == "image-folder":
-        kw = {"root": d["data_path"], "size": d["image_size"], "channels": d["channels"] or 3}
+        kw = {"root": d["data_path"], "size": d["image_size"], "channels": d["channels"]}
     elif name == "latents":
         kw = {"path": d["data_path"], "num_classes": d["num_classes"]}
     elif name == "fashion-mnist" and d["data_path"]:
         kw = {"root": d["data_path"]}
     if name == "latents" and split == "test":
-        kw["holdout_fraction"] = 0.01  # latent files carry no held-out part: hold back 1%
+        # Holding some back would leave them out of training (published: all of the file) or, kept
+        # in it, make the "held-out" scores a memorisation check that cannot see memorisation.
+        raise ConfigError("data (latents): a latent file has no held-out split; score decoded samples instead")
     try:
         dataset = data_mod.get_dataset(name, split=split, **kw)
     except (ValueError, TypeError) as err:
@@ -99,15 +102,13 @@ def build_dataset(cfg: Dict[str, Any], split: str = "train"):
     if dataset.num_classes != d["num_classes"]:
         raise ConfigError(f"data.num_classes is {d['num_classes']} but dataset {name!r} has "
                           f"{dataset.num_classes} classes")
-    if name == "latents":
-        scale = float(d["latent_multiplier"])
+    if name == "latents":  # in place: a latent file can be most of the host's memory
         if d["latent_norm"]:
-            ref = dataset if split == "train" else data_mod.get_dataset(name, split="train", **kw)
-            mean = ref.images.mean(dim=(0, 2, 3), keepdim=True)
-            std = ref.images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)
-            dataset.images = (dataset.images - mean) / std
-        if scale != 1.0:
-            dataset.images = dataset.images * scale
+            images = dataset.images
+            std = images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)
+            images.sub_(images.mean(dim=(0, 2, 3), keepdim=True)).div_(std)
+        if float(d["latent_multiplier"]) != 1.0:
+            dataset.images.mul_(float(d["latent_multiplier"]))
     return dataset
 
 

@@ -398,6 +398,9 @@ def _sized(kwargs, **config):
     """The config's sizes, overridable by kwargs (depth / hidden_size / num_heads shrink a config for tests)."""
     return DiT(**{**config, **kwargs})
 
+def DiT_XL_1(**kwargs):
+    return _sized(kwargs, depth=28, hidden_size=1152, patch_size=1, num_heads=16)
+
 def DiT_XL_2(**kwargs):
     return _sized(kwargs, depth=28, hidden_size=1152, patch_size=2, num_heads=16)
 
@@ -406,6 +409,9 @@ def DiT_XL_4(**kwargs):
 
 def DiT_XL_8(**kwargs):
     return _sized(kwargs, depth=28, hidden_size=1152, patch_size=8, num_heads=16)
+
+def DiT_L_1(**kwargs):
+    return _sized(kwargs, depth=24, hidden_size=1024, patch_size=1, num_heads=16)
 
 def DiT_L_2(**kwargs):
     return _sized(kwargs, depth=24, hidden_size=1024, patch_size=2, num_heads=16)
@@ -416,6 +422,9 @@ def DiT_L_4(**kwargs):
 def DiT_L_8(**kwargs):
     return _sized(kwargs, depth=24, hidden_size=1024, patch_size=8, num_heads=16)
 
+def DiT_B_1(**kwargs):
+    return _sized(kwargs, depth=12, hidden_size=768, patch_size=1, num_heads=12)
+
 def DiT_B_2(**kwargs):
     return _sized(kwargs, depth=12, hidden_size=768, patch_size=2, num_heads=12)
 
@@ -424,6 +433,9 @@ def DiT_B_4(**kwargs):
 
 def DiT_B_8(**kwargs):
     return _sized(kwargs, depth=12, hidden_size=768, patch_size=8, num_heads=12)
+
+def DiT_S_1(**kwargs):
+    return _sized(kwargs, depth=12, hidden_size=384, patch_size=1, num_heads=6)
 
 def DiT_S_2(**kwargs):
     return _sized(kwargs, depth=12, hidden_size=384, patch_size=2, num_heads=6)
@@ -435,11 +447,12 @@ def DiT_S_8(**kwargs):
     return _sized(kwargs, depth=12, hidden_size=384, patch_size=8, num_heads=6)
 
 
+# Patch size 1 is for compact latents (VA-VAE, DC-AE): the published TiT-XL/1 recipes use it.
 DiT_models = {
-    'DiT-XL/2': DiT_XL_2,  'DiT-XL/4': DiT_XL_4,  'DiT-XL/8': DiT_XL_8,
-    'DiT-L/2':  DiT_L_2,   'DiT-L/4':  DiT_L_4,   'DiT-L/8':  DiT_L_8,
-    'DiT-B/2':  DiT_B_2,   'DiT-B/4':  DiT_B_4,   'DiT-B/8':  DiT_B_8,
-    'DiT-S/2':  DiT_S_2,   'DiT-S/4':  DiT_S_4,   'DiT-S/8':  DiT_S_8,
+    'DiT-XL/1': DiT_XL_1,  'DiT-XL/2': DiT_XL_2,  'DiT-XL/4': DiT_XL_4,  'DiT-XL/8': DiT_XL_8,
+    'DiT-L/1':  DiT_L_1,   'DiT-L/2':  DiT_L_2,   'DiT-L/4':  DiT_L_4,   'DiT-L/8':  DiT_L_8,
+    'DiT-B/1':  DiT_B_1,   'DiT-B/2':  DiT_B_2,   'DiT-B/4':  DiT_B_4,   'DiT-B/8':  DiT_B_8,
+    'DiT-S/1':  DiT_S_1,   'DiT-S/2':  DiT_S_2,   'DiT-S/4':  DiT_S_4,   'DiT-S/8':  DiT_S_8,
 }
 
 #: Constructor options that get_model accepts besides input_size / in_channels / num_classes.
