@@ -111,6 +111,8 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, budget:
     def run(name, fn):
         """Calls one peer and checks its output; times it now, or later in turn with the others."""
         t = f = wrap(fn)
+        if w.reset is not None:
+            w.reset()
         if in_turn:  # timed below, in turn with the other peers
             first_s[name], out = timing.first_call(f, w.args, device)
         else:
@@ -134,7 +136,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, budget:
             for name, fn in w.peers.items():
                 optional(name, fn, f"peer {name}")
         if in_turn:
-            timings = timing.time_in_turn(timings, w.args, device, b, first_s)
+            timings = timing.time_in_turn(timings, w.args, device, b, first_s, w.prepare)
     del ref
 
     row.update(_timing_fields("eager", timings["eager"]))

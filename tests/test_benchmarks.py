@@ -125,6 +125,11 @@ def test_max_rel_err_and_bounds():
     assert accuracy.max_rel_err(ref, ref) == 0
     assert accuracy.max_rel_err((torch.tensor([1.0, -2.5]), torch.tensor([4.0])), ref) == pytest.approx(0.25)
     assert accuracy.max_rel_err((torch.tensor([1.0, float("nan")]), ref[1]), ref) == float("inf")
+    # a broken reference fails the row instead of passing it (max() with a NaN keeps the other value)
+    for bad in (float("nan"), float("inf")):
+        assert accuracy.max_rel_err((torch.tensor([1.0, 9.0]), ref[1]), (torch.tensor([1.0, bad]), ref[1])) == \
+            float("inf")
+    assert accuracy.bound(torch.float32, float("inf")) == accuracy.TOLERANCE[torch.float32]  # NaN eager output
     with pytest.raises(ValueError):
         accuracy.max_rel_err(ref[0], ref)
     assert accuracy.bound(torch.bfloat16, 0.02) == pytest.approx(0.04)
@@ -138,6 +143,50 @@ def test_cpu_timing_reports_median_between_min_and_max():
     t, out = timing.time_call(torch.sqrt, (x,), torch.device("cpu"), timing.QUICK)
     assert torch.allclose(out, x.sqrt())
     assert 0 < t.min_ms <= t.median_ms <= t.max_ms and t.repeats >= timing.QUICK.min_repeats and t.inner >= 1
+
+
+def test_extrapolating_step_row_detects_a_wrong_ratio():
+    # The row's buffers start at another step's estimates, so the extrapolation term is not zero
+    # in the checked call; a step with the wrong ratio must fail it.
+    from harness.case import Plan
+    from cases import sampler as cases
+
+    w = cases._workload(Plan(torch.device("cpu"), smallest=True), "order=1,extrapolate", "Linear", (3, 2, 5),
+                        torch.float32)
+    ref = w.oracle()
+    for e, ok in ((cases.EXTRAPOLATION, True), (0.0, False), (10 * cases.EXTRAPOLATION, False)):
+        for _ in range(2):  # the step overwrites its buffers: reset makes every checked call start alike
+            w.reset()
+            args = list(w.args)
+            args[7] = e
+            err = accuracy.max_rel_err(w.fused(*args), ref)
+            assert (err <= accuracy.TOLERANCE[torch.float32]) == ok, (e, err)
+
+
+def test_in_turn_prepare_runs_untimed_before_each_sample():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    budget = timing.Budget(warmup_s=0.0, sample_s=0.0, total_s=0.0, min_repeats=2, max_repeats=2)
+    timing.time_in_turn(fns, (), torch.device("cpu"), budget, {"a": 0.0, "b": 0.0},
+                        prepare={"b": lambda: calls.append("prepare b")})
+    assert calls == ["a", "b"] + ["a", "prepare b", "b"] * 2  # warm-up, then two rounds
+
+
+def test_fused_train_step_keeps_its_own_gradients_when_timed_in_turn():
+    # Both steps share the parameters; the published zero_grad(set_to_none=True) detaches the fused
+    # step's gradient views. Its prepare hook re-attaches them, so its step is ucgm-train's.
+    from harness.case import Plan
+    from cases import end_to_end as e2e
+
+    plan = Plan(torch.device("cpu"), smallest=True, compile=False)
+    w = e2e._train_workload(plan, "DiT-S/2", (10, 4, 8, 8), "lambda=1,enhanced", False)
+    w.fused(*w.args)
+    alone = [f.clone() for f in w.fused.grads.flats]
+    w.eager(*w.args)
+    w.prepare["fused"]()
+    w.fused(*w.args)
+    assert all(torch.equal(a, f) for a, f in zip(alone, w.fused.grads.flats))  # not the sum of both steps
+    assert all(p.grad is v for p, v in zip(w.fused.grads.params, w.fused.grads.views))
 
 
 def test_in_turn_timing_alternates_the_peers():

@@ -72,6 +72,11 @@ def _enhance_workload(plan, variant, transport, shape, dtype) -> Workload:
 def _fd_workload(plan, variant, transport, shape, dtype) -> Workload:
     lam = FD[variant]
     (F_t, F_a, F_b, x, z), t = _data(plan, ("fd", variant, transport, shape, str(dtype)), shape, dtype, 5)
+    if lam == 1.0:
+        # The two passes of a model are close (t +- eps): the tangent is then mostly inside the clamp
+        # and the float32 cancellation of the difference is exercised. Independent outputs would
+        # saturate the clamp almost everywhere.
+        F_a, F_b = ((F_t.double() + s * 0.004 * v.double()).to(dtype) for s, v in ((1, F_a), (-1, F_b)))
     args = (F_t, F_a, F_b, x, z, t, transport, lam)
     out_size = 8 if dtype == torch.float64 else 4  # the target is written in the compute dtype
     return Workload(args=args, eager=reference.fd_target, fused=fd_target,

@@ -62,28 +62,33 @@ def _workload(plan: Plan, variant: str, transport: str, shape: tuple, dtype: tor
         # step: read F, x; write x_next, x_hat, z_hat. correct: read F', x_next, x, z_hat; write 1.
         return Workload(args=args, eager=eager_order2, fused=fused_order2,
                         oracle=lambda: eager_order2(*to_float64(args)), nbytes=10 * n * size)
-    x_prev = z_prev = None
+    x_prev = z_prev = start = reset = None
     if buffers:
-        # The step overwrites the buffers with this step's raw estimates; starting them there makes
-        # every call (and the oracle) see the same inputs however often it runs.
-        x_prev, z_prev = torch.empty_like(x), torch.empty_like(x)
-        _, x_hat, z_hat = sampler_step(F, x, T, T_NEXT, transport, stochast_ratio=kappa, seed=SEED,
-                                       return_hats=True)
-        x_prev.copy_(x_hat)
-        z_prev.copy_(z_hat)
+        # The previous step's raw estimates: those of other model outputs at another state, so that
+        # x_hat - x_prev is not zero. The step overwrites the buffers with its own estimates, so
+        # each peer's checked first call starts from these again (reset); later calls extrapolate
+        # by zero, at the same cost.
+        _, x_hat, z_hat = sampler_step(plan.randn(shape, dtype, gen), plan.randn(shape, dtype, gen), T, T_NEXT,
+                                       transport, stochast_ratio=kappa, seed=SEED, return_hats=True)
+        start = (x_hat, z_hat)
+        x_prev, z_prev = x_hat.clone(), z_hat.clone()
+
+        def reset():
+            x_prev.copy_(start[0])
+            z_prev.copy_(start[1])
     args = (F, x, T, T_NEXT, transport, step, kappa, EXTRAPOLATION if buffers else 0.0, x_prev, z_prev, noise)
 
     def oracle():
         a = list(to_float64(args))
-        if buffers:  # copies: the oracle must not write into the peers' buffers
-            a[8], a[9] = a[8].clone(), a[9].clone()
+        if buffers:  # the starting buffers, copied: the oracle must not write into the peers'
+            a[8], a[9] = (v.double() for v in start)
         return eager_step(*a)
 
     # read F, x, write x_next (the fused kernel makes its noise); extrapolation: read and write both buffers.
     # Numba (CPU) / CuPy (CUDA) peers, where installed: the plain order-1 step only.
     peers = {} if buffers else peers_for(plan.device.type)
     return Workload(args=args, eager=eager_step, fused=fused_step, oracle=oracle,
-                    nbytes=(7 if buffers else 3) * n * size, peers=dict(peers))
+                    nbytes=(7 if buffers else 3) * n * size, peers=dict(peers), reset=reset)
 
 
 def cases(plan: Plan):

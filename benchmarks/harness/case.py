@@ -42,6 +42,10 @@ class Workload:
     budget: Optional[Any] = None                # timing.Budget overriding the run's (rows of seconds per call)
     compile_peer: bool = True                   # False: no torch.compile column (the row compiles what it needs)
     in_turn: bool = False                       # peers' samples in turn on CUDA too (timing.time_in_turn): long calls
+    reset: Optional[Callable[[], None]] = None  # restores state the peers update in place, before each
+    #                                             peer's first (checked) call
+    prepare: dict = field(default_factory=dict)  # {peer: fn} run before each of its samples taken in
+    #                                              turn, untimed: undoes what the other peers did to it
 
 
 @dataclass

@@ -128,7 +128,8 @@ def time_call(fn: Callable[..., Any], args: tuple, device: torch.device, budget:
 
 
 def time_in_turn(fns: dict[str, Callable[..., Any]], args: tuple, device: torch.device, budget: Budget,
-                 first_call_s: dict[str, float]) -> dict[str, Timing]:
+                 first_call_s: dict[str, float], prepare: dict[str, Callable[[], Any]] | None = None
+                 ) -> dict[str, Timing]:
     """Times several functions on the same inputs, one sample of each in turn.
 
     Timed one after the other, peers see different conditions: on a shared machine other work,
@@ -137,8 +138,10 @@ def time_in_turn(fns: dict[str, Callable[..., Any]], args: tuple, device: torch.
     fair. A sample is ``inner`` back-to-back calls (``budget.sample_s`` long, as in
     :func:`time_call`), wall clock around them with the device synchronized on both sides; each
     peer gets the repeats it would get alone. Call each function once first (:func:`first_call`)
-    and pass that call's time in ``first_call_s``.
+    and pass that call's time in ``first_call_s``. ``prepare[name]()``, where given, runs before
+    each of that peer's samples, untimed (peers that share state undo each other's changes there).
     """
+    prepare = prepare or {}
     per_call = {name: _warm_up(fn, args, device, budget) for name, fn in fns.items()}
     inner = {name: max(1, math.ceil(budget.sample_s / t)) for name, t in per_call.items()}
     repeats = _repeats(budget, max(inner[name] * per_call[name] for name in fns))
@@ -147,6 +150,8 @@ def time_in_turn(fns: dict[str, Callable[..., Any]], args: tuple, device: torch.
         samples = {name: [] for name in fns}
         for _ in range(repeats):
             for name, fn in fns.items():
+                if name in prepare:
+                    prepare[name]()
                 _sync(device)
                 start = time.perf_counter()
                 for _ in range(inner[name]):

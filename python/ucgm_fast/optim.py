@@ -133,10 +133,13 @@ class FlatGrads:
                 self.views[i] = flat[offset:offset + p.numel()].view_as(p)
                 offset += p.numel()
             self.flats.append(flat)
-        self._attach()
+        self.attach()
 
-    def _attach(self) -> None:
-        # The one per-parameter loop: identity checks, plus a copy for a grad someone replaced.
+    def attach(self) -> None:
+        """Makes every ``.grad`` a view of the buffer again (after something replaced or cleared it).
+
+        The one per-parameter loop: identity checks, plus a copy for a grad someone replaced.
+        """
         with torch.no_grad():
             for p, v in zip(self.params, self.views):
                 if p.grad is not v:
@@ -160,7 +163,7 @@ class FlatGrads:
         The clip factor is ``clip_grad_norm_``'s, kept on the device. Returns the global L2 norm before
         clipping (after zeroing), as a 0-d tensor; nothing here synchronizes with the host.
         """
-        self._attach()
+        self.attach()
         if zero_nonfinite:
             for flat in self.flats:
                 flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
