@@ -211,6 +211,15 @@ def _sample_workload(plan: Plan, name: str, shape: tuple, steps: int) -> Workloa
 
 def cases(plan: Plan):
     dev = plan.device.type
+    # Sampling first: a device lease can end within the training rows, whose compiles take minutes.
+    name, item = SAMPLE.get(dev, SAMPLE["cuda"])
+    for steps, batch in SAMPLE_RUNS:
+        if plan.smallest:
+            batch, item = min(batch, 2), (4, 8, 8)
+        elif plan.quick and dev == "cpu" and batch > 1:
+            continue
+        yield Case(GROUP, "sample", f"{name},steps={steps}", (batch,) + item, torch.float32, "train",
+                   partial(_sample_workload, plan, name, (batch,) + item, steps))
     for name, shape in TRAIN.get(dev, TRAIN["cuda"])[: 1 if plan.quick or plan.smallest else None]:
         if plan.smallest:
             shape = (10, 4, 8, 8)  # round(0.1 * 10) = 1 label dropped
@@ -223,11 +232,3 @@ def cases(plan: Plan):
                 yield Case(GROUP, "train_step", f"{name},{variant},model={'compiled' if compiled else 'eager'}",
                            shape, torch.float32, "train", partial(_train_workload, plan, name, shape, variant,
                                                                   compiled))
-    name, item = SAMPLE.get(dev, SAMPLE["cuda"])
-    for steps, batch in SAMPLE_RUNS:
-        if plan.smallest:
-            batch, item = min(batch, 2), (4, 8, 8)
-        elif plan.quick and dev == "cpu" and batch > 1:
-            continue
-        yield Case(GROUP, "sample", f"{name},steps={steps}", (batch,) + item, torch.float32, "train",
-                   partial(_sample_workload, plan, name, (batch,) + item, steps))
