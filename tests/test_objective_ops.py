@@ -190,6 +190,23 @@ def test_fd_target_formula_by_hand():
     assert torch.isnan(ucgm_fast.fd_target(F_t, F_nan, F_b, x, z, t, "Linear", 1.0, eps)[0, 0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lambda_just_below_one_is_not_the_central_difference(device, dtype):
+    # 1 - 1e-9 rounds to 1 in float32: deciding "central" there ran two passes into the one pass
+    # allocated (a heap overflow) and took the wrong difference. It is decided on the double.
+    gen = torch.Generator().manual_seed(8)
+    x, z, F_t, F_a, F_b = (randn((5, 3, 4), dtype, device, gen, False) for _ in range(5))
+    t = times(5, device, gen)
+    lam = 1 - 1e-9
+    inputs, r = ucgm_fast.fd_inputs(x, z, t, "Linear", lam)
+    want_inputs, want_r = reference.fd_inputs(x, z, t, "Linear", lam)
+    assert inputs.shape == x.shape and r.shape == (5,) and torch.equal(r, want_r)
+    tol = TOLERANCE[dtype]  # CUDA contracts multiply-adds: not bit-equal to the eager reference there
+    assert rel_err(inputs, want_inputs) <= tol
+    out = ucgm_fast.fd_target(F_t, F_a, F_b, x, z, t, "Linear", lam)
+    assert rel_err(out, reference.fd_target(F_t, F_a, F_b, x, z, t, "Linear", lam)) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # ucgm_loss
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +250,17 @@ def test_ucgm_loss_matches_reference(device, pair, cosine):
                 low = max(TOLERANCE[fd], TOLERANCE[td])
                 check(gF, rF, pF, tol if fd not in (torch.float16, torch.bfloat16) else low)
                 check(gT, rT, pT, tol if td not in (torch.float16, torch.bfloat16) else low)
+
+
+@pytest.mark.parametrize("shape, cosine", [((4, 0), False), ((4, 3, 0), True), ((4, 0, 5), True), ((0, 3), False)])
+def test_ucgm_loss_of_empty_rows_is_nan(device, shape, cosine):
+    # A mean over no elements: NaN as in the reference; the kernels read one element per row
+    # (a segfault before), so such calls take the reference.
+    F = torch.randn(shape, device=device, requires_grad=True)
+    loss = ucgm_fast.ucgm_loss(F, torch.randn(shape, device=device), 0.5, cosine=cosine)
+    assert torch.isnan(loss)
+    (g,) = torch.autograd.grad(loss, F)
+    assert g.shape == F.shape
 
 
 def test_ucgm_loss_formula_by_hand():

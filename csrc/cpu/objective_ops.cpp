@@ -89,14 +89,14 @@ int fd_inputs_cpu(int data_dtype, const void* x, const void* z, const void* t, i
     const S* __restrict__ px = static_cast<const S*>(x);
     const S* __restrict__ pz = static_cast<const S*>(z);
     const C* pt = static_cast<const C*>(t);
-    const C lam = C(lambda), ce = C(eps);
-    const int passes = lam == C(1) ? 2 : 1;
+    const FdStep<C> step = fd_step<C>(lambda, eps);
+    const int passes = step.central ? 2 : 1;
     for (int j = 0; j < passes; ++j) {
       const int which = passes == 2 ? j : 1;
       S* __restrict__ o = static_cast<S*>(x_out) + j * rows * row_size;
       C* ro = static_cast<C*>(r_out) + j * rows;
       for_each_row_segment(rows, row_size, [&](int64_t row, int64_t i0, int64_t i1) {
-        const C r = fd_time<C>(which, pt[row * t_stride], lam, ce);
+        const C r = fd_time<C>(which, pt[row * t_stride], step);
         if (i0 == row * row_size) ro[row] = r;
         const Coeffs<C> k = coefficients<C>(transport, r);
 #pragma omp simd
@@ -122,9 +122,9 @@ int fd_target_cpu(int data_dtype, int model_dtype, const void* F_t, const void* 
     const SD* __restrict__ pz = static_cast<const SD*>(z);
     const C* pt = static_cast<const C*>(t);
     C* __restrict__ o = static_cast<C*>(target);
-    const C lam = C(lambda), ce = C(eps);
+    const FdStep<C> step = fd_step<C>(lambda, eps);
     for_each_row_segment(rows, row_size, [&](int64_t row, int64_t i0, int64_t i1) {
-      const FdRow<C> r = fd_row<C>(transport, pt[row * t_stride], lam, ce);
+      const FdRow<C> r = fd_row<C>(transport, pt[row * t_stride], step);
 #pragma omp simd
       for (int64_t i = i0; i < i1; ++i)
         o[i] = fd_target_element<C>(r, load<C>(ft[i]), load<C>(fa[i]), load<C>(fb[i]), load<C>(px[i]), load<C>(pz[i]));

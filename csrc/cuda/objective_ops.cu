@@ -65,11 +65,11 @@ __global__ void enhance_kernel(const SD* __restrict__ x, const SD* __restrict__ 
 template <typename S, typename C, int V>
 __global__ void fd_inputs_kernel(const S* __restrict__ x, const S* __restrict__ z, const C* __restrict__ t,
                                  int64_t t_stride, S* __restrict__ out, C* __restrict__ r_out, int64_t n,
-                                 int64_t row_size, int passes, C lambda, C eps, int transport) {
+                                 int64_t row_size, int passes, FdStep<C> fd, int transport) {
   const int64_t step = int64_t(gridDim.x) * blockDim.x * V;
   for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < n * passes; i += step) {
     const int64_t j = i / n, e = i - j * n, row = e / row_size;
-    const C r = fd_time<C>(passes == 2 ? int(j) : 1, t[row * t_stride], lambda, eps);
+    const C r = fd_time<C>(passes == 2 ? int(j) : 1, t[row * t_stride], fd);
     if (e == row * row_size) r_out[j * (n / row_size) + row] = r;
     const Coeffs<C> k = coefficients<C>(transport, r);
     const Vec<S, V> vx = vload<S, V>(x, e), vz = vload<S, V>(z, e);
@@ -83,11 +83,11 @@ __global__ void fd_inputs_kernel(const S* __restrict__ x, const S* __restrict__ 
 template <typename SD, typename SM, typename C, int V>
 __global__ void fd_target_kernel(const SM* __restrict__ ft, const SM* __restrict__ fa, const SM* __restrict__ fb,
                                  const SD* __restrict__ x, const SD* __restrict__ z, const C* __restrict__ t,
-                                 int64_t t_stride, C* __restrict__ out, int64_t n, int64_t row_size, C lambda, C eps,
+                                 int64_t t_stride, C* __restrict__ out, int64_t n, int64_t row_size, FdStep<C> fd,
                                  int transport) {
   const int64_t step = int64_t(gridDim.x) * blockDim.x * V;
   for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < n; i += step) {
-    const FdRow<C> r = fd_row<C>(transport, t[(i / row_size) * t_stride], lambda, eps);
+    const FdRow<C> r = fd_row<C>(transport, t[(i / row_size) * t_stride], fd);
     const Vec<SM, V> a = vload<SM, V>(ft, i), b = vload<SM, V>(fa, i), c = vload<SM, V>(fb, i);
     const Vec<SD, V> vx = vload<SD, V>(x, i), vz = vload<SD, V>(z, i);
     Vec<C, V> o;
@@ -118,36 +118,40 @@ __device__ __forceinline__ C block_sum(C v, C* shared) {
 // positions per thread and access (V divides positions and the pointers are aligned for it).
 template <typename SF, typename ST, typename C, int V>
 __global__ void loss_partials_kernel(const SF* __restrict__ F, const ST* __restrict__ T, C* __restrict__ ws,
-                                     int64_t chunks, int64_t channels, int64_t positions, int cosine) {
+                                     int64_t rows, int64_t chunks, int64_t channels, int64_t positions, int cosine) {
   __shared__ C shared[32];
-  const int64_t row = blockIdx.x / chunks, chunk = blockIdx.x - row * chunks;
-  const int64_t base = row * channels * positions;
-  const int64_t p_end = (chunk + 1) * kLossChunkPositions < positions ? (chunk + 1) * kLossChunkPositions : positions;
-  C sq = 0, cs = 0;
-  for (int64_t p = chunk * kLossChunkPositions + int64_t(threadIdx.x) * V; p < p_end; p += int64_t(blockDim.x) * V) {
-    C dot[V] = {}, ff[V] = {}, tt[V] = {};
-    for (int64_t c = 0; c < channels; ++c) {
-      const Vec<SF, V> a = vload<SF, V>(F, base + c * positions + p);
-      const Vec<ST, V> y = vload<ST, V>(T, base + c * positions + p);
+  // Block-stride over (row, chunk): a grid has at most 2^31 - 1 blocks. Every thread of a block runs
+  // the same iterations, so the reductions' __syncthreads stay uniform.
+  for (int64_t blk = blockIdx.x; blk < rows * chunks; blk += gridDim.x) {
+    const int64_t row = blk / chunks, chunk = blk - row * chunks;
+    const int64_t base = row * channels * positions;
+    const int64_t p_end = (chunk + 1) * kLossChunkPositions < positions ? (chunk + 1) * kLossChunkPositions : positions;
+    C sq = 0, cs = 0;
+    for (int64_t p = chunk * kLossChunkPositions + int64_t(threadIdx.x) * V; p < p_end; p += int64_t(blockDim.x) * V) {
+      C dot[V] = {}, ff[V] = {}, tt[V] = {};
+      for (int64_t c = 0; c < channels; ++c) {
+        const Vec<SF, V> a = vload<SF, V>(F, base + c * positions + p);
+        const Vec<ST, V> y = vload<ST, V>(T, base + c * positions + p);
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const C ak = load<C>(a.x[k]), yk = load<C>(y.x[k]);
-        sq += (ak - yk) * (ak - yk);
-        dot[k] += ak * yk;
-        ff[k] += ak * ak;
-        tt[k] += yk * yk;
+        for (int k = 0; k < V; ++k) {
+          const C ak = load<C>(a.x[k]), yk = load<C>(y.x[k]);
+          sq += (ak - yk) * (ak - yk);
+          dot[k] += ak * yk;
+          ff[k] += ak * ak;
+          tt[k] += yk * yk;
+        }
+      }
+      if (cosine) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) cs += C(1) - cosine_of<C>(dot[k], ff[k], tt[k]);
       }
     }
-    if (cosine) {
-#pragma unroll
-      for (int k = 0; k < V; ++k) cs += C(1) - cosine_of<C>(dot[k], ff[k], tt[k]);
+    sq = block_sum(sq, shared);
+    cs = block_sum(cs, shared);
+    if (threadIdx.x == 0) {
+      ws[blk * 2] = sq;
+      ws[blk * 2 + 1] = cs;
     }
-  }
-  sq = block_sum(sq, shared);
-  cs = block_sum(cs, shared);
-  if (threadIdx.x == 0) {
-    ws[blockIdx.x * 2] = sq;
-    ws[blockIdx.x * 2 + 1] = cs;
   }
 }
 
@@ -262,14 +266,15 @@ int fd_inputs_cuda(int data_dtype, const void* x, const void* z, const void* t, 
   return dispatch_dtype_cuda(data_dtype, [&](auto s, auto c) {
     using S = decltype(s);
     using C = decltype(c);
-    const int passes = C(lambda) == C(1) ? 2 : 1;
+    const FdStep<C> fd = fd_step<C>(lambda, eps);
+    const int passes = fd.central ? 2 : 1;
     const auto st = static_cast<cudaStream_t>(stream);
     const bool vec =
         row_size % kVec == 0 && vec_aligned<S, kVec>(x) && vec_aligned<S, kVec>(z) && vec_aligned<S, kVec>(x_out);
     auto launch = [&](auto kernel, int width) {
       kernel<<<grid_size(n * passes / width, kBlock), kBlock, 0, st>>>(
           static_cast<const S*>(x), static_cast<const S*>(z), static_cast<const C*>(t), t_stride,
-          static_cast<S*>(x_out), static_cast<C*>(r_out), n, row_size, passes, C(lambda), C(eps), transport);
+          static_cast<S*>(x_out), static_cast<C*>(r_out), n, row_size, passes, fd, transport);
     };
     if (vec) launch(fd_inputs_kernel<S, C, kVec>, kVec); else launch(fd_inputs_kernel<S, C, 1>, 1);
     return launch_status();
@@ -294,7 +299,7 @@ int fd_target_cuda(int data_dtype, int model_dtype, const void* F_t, const void*
       kernel<<<grid_size(n / width, kBlock), kBlock, 0, st>>>(
           static_cast<const SM*>(F_t), static_cast<const SM*>(F_a), static_cast<const SM*>(F_b),
           static_cast<const SD*>(x), static_cast<const SD*>(z), static_cast<const C*>(t), t_stride,
-          static_cast<C*>(target), n, row_size, C(lambda), C(eps), transport);
+          static_cast<C*>(target), n, row_size, fd_step<C>(lambda, eps), transport);
     };
     if (vec) launch(fd_target_kernel<SD, SM, C, kVec>, kVec); else launch(fd_target_kernel<SD, SM, C, 1>, 1);
     return launch_status();
@@ -313,9 +318,9 @@ int ucgm_loss_cuda(int f_dtype, int target_dtype, const void* F, const void* tar
     const int64_t chunks = loss_chunks(positions);
     if (rows > 0) {
       auto launch = [&](auto kernel) {
-        kernel<<<static_cast<unsigned>(rows * chunks), kBlock, 0, st>>>(
-            static_cast<const SF*>(F), static_cast<const ST*>(target), static_cast<C*>(workspace), chunks, channels,
-            positions, cosine);
+        kernel<<<static_cast<unsigned>(std::min<int64_t>(rows * chunks, 0x7fffffff)), kBlock, 0, st>>>(
+            static_cast<const SF*>(F), static_cast<const ST*>(target), static_cast<C*>(workspace), rows, chunks,
+            channels, positions, cosine);
       };
       if (positions % kVec == 0 && vec_aligned<SF, kVec>(F) && vec_aligned<ST, kVec>(target))
         launch(loss_partials_kernel<SF, ST, C, kVec>);

@@ -62,18 +62,26 @@ UCGM_HD void enhance_element(const EnhanceRow<C>& r, int rule, C ratio, C x, C z
 
 // ---- finite-difference tangent and consistency target -------------------------------------------
 
+// lambda and eps of the difference. Whether it is the central one (lambda = 1) is decided on the
+// caller's double, as the caller (and the reference) decide it: a lambda just below 1 rounds to 1
+// in float, and deciding there ran two passes into buffers allocated for one.
+template <typename C> struct FdStep { bool central; C lambda, eps; };
+
+template <typename C>
+UCGM_HD FdStep<C> fd_step(double lambda, double eps) { return {lambda == 1.0, C(lambda), C(eps)}; }
+
 // The two times of the difference: lambda = 1: (t + eps, t - eps), the central difference;
 // 0 < lambda < 1: (t, t - (t - lambda t)), written as published so r_b rounds the same way.
 template <typename C>
-UCGM_HD C fd_time(int which, C t, C lambda, C eps) {
-  if (lambda == C(1)) return which == 0 ? t + eps : t - eps;
-  return which == 0 ? t : t - (t - lambda * t);
+UCGM_HD C fd_time(int which, C t, const FdStep<C>& s) {
+  if (s.central) return which == 0 ? t + s.eps : t - s.eps;
+  return which == 0 ? t : t - (t - s.lambda * t);
 }
 
 // 1 / (r_a - r_b) as published: 1 / (2 eps) for lambda = 1, 1 / (t - lambda t) otherwise.
 template <typename C>
-UCGM_HD C fd_inv_step(C t, C lambda, C eps) {
-  return lambda == C(1) ? C(1) / (C(2) * eps) : C(1) / (t - lambda * t);
+UCGM_HD C fd_inv_step(C t, const FdStep<C>& s) {
+  return s.central ? C(1) / (C(2) * s.eps) : C(1) / (t - s.lambda * t);
 }
 
 // f(r) = (F_r alpha_in(r) - x'_r alpha_to(r)) / den(r) with x'_r = alpha_in(r) z + gamma_in(r) x is
@@ -92,12 +100,12 @@ UCGM_HD FdLinear<C> fd_linear(const Coeffs<C>& k) {
 template <typename C> struct FdRow { C pa, pb, dq, ds, inv_step, scale; };
 
 template <typename C>
-UCGM_HD FdRow<C> fd_row(int transport, C t, C lambda, C eps) {
-  const FdLinear<C> a = fd_linear(coefficients<C>(transport, fd_time<C>(0, t, lambda, eps)));
-  const FdLinear<C> b = fd_linear(coefficients<C>(transport, fd_time<C>(1, t, lambda, eps)));
+UCGM_HD FdRow<C> fd_row(int transport, C t, const FdStep<C>& step) {
+  const FdLinear<C> a = fd_linear(coefficients<C>(transport, fd_time<C>(0, t, step)));
+  const FdLinear<C> b = fd_linear(coefficients<C>(transport, fd_time<C>(1, t, step)));
   const Coeffs<C> kt = coefficients<C>(transport, t);
   const C scale = kt.alpha_in / (kt.alpha_in * kt.gamma_to - kt.gamma_in * kt.alpha_to) * (C(4) / usin(t * C(1.57)));
-  return {a.p, b.p, a.q - b.q, a.s - b.s, fd_inv_step<C>(t, lambda, eps), scale};
+  return {a.p, b.p, a.q - b.q, a.s - b.s, fd_inv_step<C>(t, step), scale};
 }
 
 // clamp to [-1, 1] that keeps NaN (as torch.clamp does; fmin/fmax would drop it). Written as

@@ -170,7 +170,9 @@ torch.library.define(
 
 
 def _loss_kernel(F, target, t, huber_eps, cosine, time_weighting):
-    if not _LOSS.available(F):
+    # Rows of no elements (B > 0, numel 0): a mean over nothing, NaN as in the reference; the kernels
+    # assume at least one element per row.
+    if not _LOSS.available(F) or (F.numel() == 0 and F.shape[0] > 0):
         return reference.ucgm_loss_op(F, target, t, huber_eps, cosine, time_weighting)
     F, target = _contig(F), _contig(target)
     t = _times(t, target)
