@@ -93,7 +93,8 @@ int sampler_step_cuda(int state_dtype, int model_dtype, const void* F, const voi
                       const void* sched, const void* seed, int64_t n, int step, int transport, int mode,
                       void* x_next, void* x_hat, void* z_hat, void* stream) {
   if (transport < 0 || transport >= kNumTransports || mode < kExtrapolOff || mode > kExtrapolApply || n < 0 ||
-      step < 0 || x_next == nullptr || (mode != kExtrapolOff && (x_prev == nullptr || z_prev == nullptr)))
+      step < 0 || x_next == nullptr || (mode != kExtrapolOff && (x_prev == nullptr || z_prev == nullptr)) ||
+      ((x_hat == nullptr) != (z_hat == nullptr)))  // as the CPU entry point checks
     return kBadArgument;
   if (n == 0) return kOk;
   return dispatch_state_model_cuda(state_dtype, model_dtype, [&](auto s, auto m) {
