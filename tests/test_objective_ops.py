@@ -263,6 +263,24 @@ def test_ucgm_loss_of_empty_rows_is_nan(device, shape, cosine):
     assert g.shape == F.shape
 
 
+def test_ucgm_loss_higher_order_and_transforms():
+    # create_graph: the second derivative is autograd's of the reference loss (the fused backward is
+    # not differentiable again); torch.func and forward mode take the reference.
+    gen = torch.Generator().manual_seed(9)
+    F = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    T = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+    t = torch.rand(3, generator=gen, dtype=torch.float64)
+    assert torch.autograd.gradgradcheck(lambda a: ucgm_fast.ucgm_loss(a, T, t, 0.1, True, True), (F,))
+    F0 = F.detach()
+    for transform in (torch.func.grad, lambda f: (lambda a: torch.func.jvp(f, (a,), (torch.ones_like(a),))[1])):
+        got = transform(lambda a: ucgm_fast.ucgm_loss(a, T, t, 0.1, True))(F0)
+        want = transform(lambda a: reference.ucgm_loss(a, T, t, 0.1, True))(F0)
+        assert torch.allclose(got, want) and want.abs().max() > 0
+    # 1-D data: one element per row, in the reference too (a mean over dim=[] averaged everything)
+    a, b = torch.tensor([0.0, 0.0, 3.0], dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    assert float(ucgm_fast.ucgm_loss(a, b, 0.5)) == float(reference.ucgm_loss(a, b, 0.5)) == 1.0
+
+
 def test_ucgm_loss_formula_by_hand():
     """Straight from DESIGN.md, independent of the reference module."""
     gen = torch.Generator().manual_seed(5)

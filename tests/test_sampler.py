@@ -192,6 +192,17 @@ def test_custom_transport_matches_builtin():
     assert rel_err(a, b) < 1e-12
 
 
+def test_custom_transport_with_constant_coefficients():
+    # Callables may return numbers (as coefficients() allows): the time grid's end test and auto
+    # kappa evaluate them through Transport.coefficients too.
+    ve = ucgm_fast.Transport(alpha_in=lambda t: 2.0 * t, gamma_in=lambda t: 1.0, alpha_to=lambda t: 1.0,
+                             gamma_to=lambda t: 0.0)
+    model, noise = GaussianDenoiser("Linear"), noise_like()
+    out = ucgm_fast.sample(model, noise, ve, 3, 1, "auto", state_dtype=torch.float64, seed=2)
+    ref = reference.sample(model, noise, ve, 3, 1, "auto", rfba_gap_steps=(0.001, 0.3), seed=2)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-9
+
+
 def test_step_tables_cached_per_setting():
     # Each setting builds its tables once; a warm cache must give what a cold one gives, so every
     # input of the tables has to be part of the key (a stale table would change the sample).

@@ -313,3 +313,13 @@ def test_bad_input():
         ucgm_fast.sampler_step(F, x, 0.5, 0.2, "Nope")
     with pytest.raises(ValueError, match="z_hat"):
         ucgm_fast.sampler_correct(F, x, x, x[:1], 0.5, 0.2, "Linear")
+    # Buffers updated in place may not share memory with each other, x or F (results depended on
+    # which kernel path ran: element-wise read-then-write is not the reference's read-all-first).
+    buf, big = torch.zeros(2, 3), torch.zeros(12)
+    for xp, zp, what in ((buf, buf, "each other"), (big[:6].view(2, 3), big[3:9].view(2, 3), "each other"),
+                         (torch.zeros(2, 3), x, "x"), (F, torch.zeros(2, 3), "F")):
+        with pytest.raises(ValueError, match=f"share memory with {what}"):
+            ucgm_fast.sampler_step(F, x, 0.5, 0.2, "Linear", step=2, extrapol_ratio=0.5, x_prev=xp, z_prev=zp)
+    halves = ucgm_fast.sampler_step(F.requires_grad_(), x, 0.5, 0.2, "Linear", step=2, extrapol_ratio=0.5,
+                                    x_prev=big[:6].view(2, 3), z_prev=big[6:].view(2, 3))
+    assert not halves.requires_grad  # not differentiable, and it says so

@@ -317,10 +317,36 @@ def test_cuda_kernels_run_on_the_current_stream():
         assert rel_err(o, e, x, F) < 2e-6
 
 
-def test_vmap_goes_through_the_op():
-    # Under torch.func transforms the tensors are wrappers without storage: the ops must take the
-    # dispatcher path (vmap's per-sample fallback), not read raw pointers.
+def test_vmap_takes_the_reference():
+    # Under torch.func transforms the tensors are wrappers without storage, and the ops have no
+    # batching rule: the calls take the eager reference (never raw pointers).
     x, z, t = torch.randn(3, 5, 4), torch.randn(3, 5, 4), torch.rand(3, 5)
     out = torch.func.vmap(lambda a, b, c: ucgm_fast.interpolate(a, b, c, "Linear")[0])(x, z, t)
     loop = torch.stack([ucgm_fast.interpolate(x[i], z[i], t[i], "Linear")[0] for i in range(3)])
-    assert torch.equal(out, loop)
+    assert rel_err(out, loop) < 1e-6
+
+
+def test_forward_mode_and_t_derivatives_are_exact():
+    # No forward-mode formula and no derivative in t in the kernels: such calls take the reference,
+    # instead of silently giving zero tangents or no t gradient.
+    gen = torch.Generator().manual_seed(3)
+    x, F, v = (torch.randn(3, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    t = torch.rand(3, generator=gen, dtype=torch.float64) * 0.8 + 0.1
+    for op, ref in ((ucgm_fast.decode, reference.decode), (ucgm_fast.interpolate, reference.interpolate)):
+        got = torch.func.jvp(lambda a: op(a, F, t, "EDM"), (x,), (v,))[1]
+        want = torch.func.jvp(lambda a: ref(a, F, t, "EDM"), (x,), (v,))[1]
+        assert all(torch.allclose(g, w) for g, w in zip(got, want)) and want[0].abs().max() > 0
+        import torch.autograd.forward_ad as fwAD
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(op(fwAD.make_dual(x, v), F, t, "EDM")[0]).tangent
+        assert torch.allclose(tangent, want[0])
+        tg = t.clone().requires_grad_()
+        (gt,) = torch.autograd.grad(op(x, F, tg, "EDM")[0].sum(), tg)
+        tr = t.clone().requires_grad_()
+        (rt,) = torch.autograd.grad(ref(x, F, tr, "EDM")[0].sum(), tr)
+        assert torch.allclose(gt, rt)
+    w = t.clone().requires_grad_()
+    (gw,) = torch.autograd.grad(sum(c.sum() for c in ucgm_fast.coefficients(w, "TrigFlow")), w)
+    wr = t.clone().requires_grad_()
+    (rw,) = torch.autograd.grad(sum(c.sum() for c in reference.coefficients(wr, "TrigFlow")), wr)
+    assert torch.allclose(gw, rw)

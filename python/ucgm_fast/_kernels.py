@@ -64,6 +64,26 @@ def plain_eager(*tensors: torch.Tensor) -> bool:
     return all(type(x) is torch.Tensor for x in tensors)
 
 
+def _forward_ad_level() -> int:
+    # torch.autograd.forward_ad keeps the innermost open dual level here (-1: none).
+    return getattr(torch.autograd.forward_ad, "_current_level", -1)
+
+
+def needs_reference(t: torch.Tensor) -> bool:
+    """True when a built-in transport's call must take the eager reference instead of the kernels.
+
+    The ops have backward formulas for their data arguments only: no forward-mode (jvp) formula, no
+    batching rule and no derivative in ``t``. So forward-mode AD, torch.func transforms outside
+    torch.compile (which traces the ops themselves) and times that require grad take the reference,
+    which autograd and torch.func differentiate exactly, instead of silently losing derivatives.
+    """
+    if t.requires_grad and torch.is_grad_enabled():
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active() or _forward_ad_level() >= 0
+
+
 def eager_fast_path(*tensors: torch.Tensor) -> bool:
     """True when a call may skip the dispatcher: :func:`plain_eager`, and no autograd to record.
 

@@ -63,7 +63,7 @@ class Transport:
     def noise_time(self) -> float:
         """The end of [0, 1] where gamma_in ~ 0 (pure noise): sampling starts there."""
         ends = torch.tensor([0.0, 1.0], dtype=torch.float64)
-        g = self.gamma_in(ends).abs()
+        g = self.coefficients(ends)[1].abs()
         return 1.0 if float(g[1]) <= float(g[0]) else 0.0
 
 

@@ -16,7 +16,7 @@ import math
 import torch
 
 from ..reference import objective as reference
-from .._kernels import DTYPE_CODE, Kernel, _C, eager_fast_path, plain_eager
+from .._kernels import DTYPE_CODE, Kernel, _C, eager_fast_path, needs_reference, plain_eager
 from .._validate import FLOAT_DTYPES, batch_times, check_data, compute_dtype
 from ..transports import TRANSPORTS, get_transport
 
@@ -226,12 +226,20 @@ torch.library.impl(f"{_NS}::ucgm_loss_backward", ("CPU", "CUDA"), _loss_backward
 def _loss_setup_context(ctx, inputs, output):
     F, target, t, huber_eps, cosine, time_weighting = inputs
     ctx.save_for_backward(F, target, t, output[1])
-    ctx.cosine, ctx.time_weighting = cosine, time_weighting
+    ctx.huber_eps, ctx.cosine, ctx.time_weighting = huber_eps, cosine, time_weighting
     ctx.mark_non_differentiable(output[1])
 
 
 def _loss_backward(ctx, grad, _grad_root):
     F, target, t, root = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph: the gradient must be differentiable again; the fused kernel's is not, so
+        # take autograd's gradient of the reference loss, recorded in terms of F and target.
+        wrt = [v for v in (F, target) if v.requires_grad]
+        loss = reference.ucgm_loss_op(F, target, t, ctx.huber_eps, ctx.cosine, ctx.time_weighting)[0]
+        grads = iter(torch.autograd.grad(loss, wrt, grad, create_graph=True))
+        gF, gT = (next(grads) if v.requires_grad else None for v in (F, target))
+        return gF, gT, None, None, None, None
     target_grad = bool(ctx.needs_input_grad[1])
     backward = _loss_backward_kernel if eager_fast_path(grad, F, target, t, root) else \
         torch.ops.ucgm_fast.ucgm_loss_backward
@@ -535,6 +543,8 @@ def ucgm_loss(F, target, t, huber_eps=0.0, cosine=False, time_weighting=False):
 
 
 def _loss(F, target, tt, h, cosine, tw):
+    if needs_reference(tt):
+        return reference.ucgm_loss_op(F, target, tt, h, cosine, tw)[0]
     loss = _loss_kernel if eager_fast_path(F, target, tt) else \
         _EagerLoss.apply if plain_eager(F, target, tt) else torch.ops.ucgm_fast.ucgm_loss
     return loss(F, target, tt, h, cosine, tw)[0]

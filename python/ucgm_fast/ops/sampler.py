@@ -193,6 +193,21 @@ def make_seed(op: str, seed, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True) if device.type != "cpu" else t
 
 
+def _span(v: torch.Tensor):
+    """(storage address, first byte, one past the last byte) a tensor's elements may occupy."""
+    if v.numel() == 0:
+        return None
+    last = sum((n - 1) * abs(st) for n, st in zip(v.shape, v.stride()))
+    low = v.storage_offset() - sum((n - 1) * -st for n, st in zip(v.shape, v.stride()) if st < 0)
+    size = v.element_size()
+    return v.untyped_storage().data_ptr(), low * size, (low + last + 1) * size
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    sa, sb = _span(a), _span(b)
+    return sa is not None and sb is not None and sa[0] == sb[0] and sa[1] < sb[2] and sb[1] < sa[2]
+
+
 def _check_step(op: str, step) -> int:
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= int(step) < 2 ** 31:
         raise ValueError(f"{op}: step must be an int in [0, 2^31), got {step!r}")
@@ -237,11 +252,12 @@ def sampler_step(F, x, t, t_next, transport, *, step: int = 0, stochast_ratio=0.
     Returns
     -------
     Tensor or (Tensor, Tensor, Tensor)
-        x_next, or (x_next, x_hat, z_hat).
+        x_next, or (x_next, x_hat, z_hat); not differentiable (sampling runs under no_grad).
     """
     op = "sampler_step"
     check_state(op, x)
     check_model_output(op, F, x)
+    F, x = F.detach(), x.detach()  # a sampler step is not differentiated: no output claims a gradient
     tr = get_transport(transport)
     step = _check_step(op, step)
     for name, v, lo, hi in (("stochast_ratio", stochast_ratio, 0.0, 1.0), ("extrapol_ratio", extrapol_ratio, 0.0, None)):
@@ -260,6 +276,14 @@ def sampler_step(F, x, t, t_next, transport, *, step: int = 0, stochast_ratio=0.
                 raise ValueError(f"{op}: {name} must be a tensor shaped, typed and placed like x")
             if not b.is_contiguous():
                 raise ValueError(f"{op}: {name} must be contiguous (it is updated in place)")
+        # The kernels read every input element before writing the buffers, but only element by element.
+        # (Storage addresses are not traceable: torch.compile skips the check.)
+        pairs = ((x_prev, z_prev, "each other"), (x_prev, x, "x"), (z_prev, x, "x"), (x_prev, F, "F"),
+                 (z_prev, F, "F"))
+        for a, b, what in () if torch.compiler.is_compiling() else pairs:
+            if _overlap(a, b):
+                raise ValueError(f"{op}: x_prev and z_prev must not share memory with {what} "
+                                 "(they are updated in place)")
         mode = EXTRAPOL_APPLY if step >= 2 else EXTRAPOL_RECORD
     sched = make_sched(op, x, t, t_next, stochast_ratio, extrapol_ratio)
     sd = make_seed(op, seed, x.device)
@@ -300,6 +324,7 @@ def sampler_correct(F, x_next, x, z_hat, t, t_next, transport):
     op = "sampler_correct"
     check_state(op, x)
     check_model_output(op, F, x)
+    F, x_next, x, z_hat = (v.detach() if isinstance(v, torch.Tensor) else v for v in (F, x_next, x, z_hat))
     for name, v in (("x_next", x_next), ("z_hat", z_hat)):
         if not isinstance(v, torch.Tensor) or v.shape != x.shape or v.dtype != x.dtype or v.device != x.device:
             raise ValueError(f"{op}: {name} must be a tensor shaped, typed and placed like x")

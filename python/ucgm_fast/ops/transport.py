@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import transport as reference
-from .._kernels import DTYPE_CODE, Kernel, eager_fast_path, plain_eager
+from .._kernels import DTYPE_CODE, Kernel, eager_fast_path, needs_reference, plain_eager
 from .._validate import batch_times, check_data, compute_dtype
 from ..transports import TRANSPORTS, get_transport
 
@@ -152,7 +152,7 @@ def _apply(op: str, mode: int, data: dict, t, transport):
 
 def _run_mix(op: str, mode: int, u, v, tt, tr):
     """The mix op on checked arguments: reference, direct kernel or dispatcher."""
-    if tr.id is None:
+    if tr.id is None or needs_reference(tt):
         return _REFERENCE[mode](u, v, tt, tr)
     if eager_fast_path(u, v):
         return _mix(u, v, tt, tr.id, mode)
@@ -180,7 +180,8 @@ def coefficients(t, transport):
     -------
     tuple of Tensor
         Four tensors shaped like ``t`` with its dtype (a 0-d float32 tensor for a Python float),
-        computed in float32 (float64 for float64 ``t``).
+        computed in float32 (float64 for float64 ``t``); differentiable in ``t`` through the eager
+        reference when ``t`` requires grad.
     """
     tr = get_transport(transport)
     if not isinstance(t, torch.Tensor):
@@ -189,7 +190,7 @@ def coefficients(t, transport):
         t = torch.tensor(float(t), dtype=torch.float32)
     if not t.is_floating_point():
         raise TypeError(f"coefficients: t has dtype {t.dtype}; expected a floating dtype")
-    if tr.id is None:
+    if tr.id is None or needs_reference(t):
         return reference.coefficients(t, tr)
     if eager_fast_path(t):
         return _coefficients_kernel(t, tr.id)
@@ -239,6 +240,6 @@ def decode(x_t, F, t, transport):
     -------
     (x_hat, z_hat) : tuple of Tensor
         Data and noise estimates in the input dtype, differentiable with respect to ``x_t`` and
-        ``F`` (not ``t``).
+        ``F`` (and ``t``, forward-mode AD and torch.func transforms through the eager reference).
     """
     return _apply("decode", _DECODE, {"x_t": x_t, "F": F}, t, transport)

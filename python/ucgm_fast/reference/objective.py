@@ -104,9 +104,13 @@ def fd_target_op(F_t, F_a, F_b, x, z, t, lam, eps, transport):
     return F_t - (ai / (ai * gt - gi * at) * weight) * torch.clamp(df, -1, 1)
 
 
+def _row_mean(v):
+    # mean over all but the batch dimension; (B,) data has one element per row (dim=[] would mean all)
+    return (v.flatten(1) if v.dim() > 1 else v.unsqueeze(1)).mean(dim=1)
+
+
 def _per_sample_loss(F, target, huber_eps, cosine):
-    dims = list(range(1, F.dim()))
-    loss = torch.sqrt(torch.mean((F - target) ** 2, dim=dims) + huber_eps ** 2) - huber_eps
+    loss = torch.sqrt(_row_mean((F - target) ** 2) + huber_eps ** 2) - huber_eps
     if cosine:
         cos = 1 - Fn.cosine_similarity(F, target, dim=1)
         loss = loss + (cos.reshape(cos.shape[0], -1).mean(dim=1) if cos.dim() > 1 else cos)
@@ -120,8 +124,7 @@ def ucgm_loss_op(F, target, t, huber_eps, cosine, time_weighting):
     loss = _per_sample_loss(Fc, Tc, huber_eps, cosine)
     if time_weighting:
         loss = loss * torch.cos(tc * 1.57)
-    dims = list(range(1, F.dim()))
-    root = torch.sqrt(torch.mean((Fc - Tc).detach() ** 2, dim=dims) + huber_eps ** 2)
+    root = torch.sqrt(_row_mean((Fc - Tc).detach() ** 2) + huber_eps ** 2)
     return loss.mean(), root
 
 

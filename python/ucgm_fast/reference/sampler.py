@@ -27,10 +27,10 @@ _MASK32 = 0xFFFFFFFF
 def integrates_from_one(transport) -> bool:
     """Whether sampling starts at t=1, decided as published: gamma_in(0) ~ 0 -> start at 0, alpha_in(0) ~ 0 -> 1."""
     tr = get_transport(transport)
-    zero = torch.zeros((), dtype=torch.float64)
-    if float(tr.gamma_in(zero).abs()) < 0.005:
+    alpha_in, gamma_in = tr.coefficients(torch.zeros((), dtype=torch.float64))[:2]
+    if float(gamma_in.abs()) < 0.005:
         return False
-    if float(tr.alpha_in(zero).abs()) < 0.005:
+    if float(alpha_in.abs()) < 0.005:
         return True
     raise ValueError(f"transport: {tr.name} has neither gamma_in(0) ~ 0 nor alpha_in(0) ~ 0, so no end of [0, 1] "
                      "is pure noise and the sampler cannot tell where to start")
@@ -63,7 +63,7 @@ def auto_stochast_ratio(transport, t: float, t_next: float) -> float:
     tr = get_transport(transport)
     tc = torch.tensor(t, dtype=torch.float64)
     tn = torch.tensor(t_next, dtype=torch.float64)
-    k = torch.sqrt((tn - tc).abs()) * torch.sqrt(2 * tr.alpha_in(tc)) / tr.alpha_in(tn)
+    k = torch.sqrt((tn - tc).abs()) * torch.sqrt(2 * tr.coefficients(tc)[0]) / tr.coefficients(tn)[0]
     return float(torch.clamp(k ** (1 / 0.5), min=0, max=1))
 
 
