@@ -9,20 +9,22 @@
 # 3. runs the test suite (its CUDA-parametrized tests run here); a failure does not stop the script
 # 4. runs python benchmarks/run.py --device cuda --quick over the op groups, then the end-to-end group
 #    (DiT training step and sampling; compiles a DiT, so it has its own time limit)
-# STAGES (default "install tests bench e2e") picks the steps. Within a 10-minute command limit, one call
-# does it all (as on the H100, 2026-11-26: build 24 s, CUDA tests 96 s, op benchmark 50 s, the rest
-# end to end):
+# STAGES (default "install tests bench e2e") picks the steps; an unknown name is an error. Within a
+# 10-minute command limit, one call does it all (as on the H100, 2026-11-26: build 24 s, CUDA tests
+# 96 s, op benchmark 50 s, the rest end to end, sampling rows first):
 #   DEADLINE=565 TEST_TIMEOUT=150 BENCH_TIMEOUT=150 E2E_TIMEOUT=320 PYTEST_ARGS="-q tests -k cuda" \
 #     bash scripts/gpu_check.sh
-# E2E_ARGS (default --quick) passes options to the end-to-end benchmark: E2E_ARGS="" runs the full set
-# (DiT-B/2 and DiT-XL/2 training steps at both lambdas, model eager and compiled). After the call above,
-# the rows --quick leaves out (DiT-XL/2 training, lambda = 0 compiled) should fit a second call:
+# A device lease of 15 minutes (start included) holds one such call. E2E_ARGS (default --quick) passes
+# options to the end-to-end benchmark: E2E_ARGS="" runs the full set (DiT-B/2 and DiT-XL/2 training
+# steps at both lambdas, model eager and compiled). The rows --quick leaves out (DiT-XL/2 training,
+# lambda = 0 compiled) need a call of their own, in a later lease:
 #   DEADLINE=580 STAGES="install e2e" E2E_TIMEOUT=540 E2E_SUFFIX=_e2e_train \
 #     E2E_ARGS="--match train_step/DiT-XL/2|lambda=0,model=compiled" bash scripts/gpu_check.sh
 # (E2E_SUFFIX, default _e2e, names that stage's result files: <gpu><suffix>.*).
-# Results: benchmarks/results/<gpu>.{json,md,png}, <gpu>_e2e.* and <gpu>_pytest.log (e.g. nvidia-h100.json), also
-# copied into $OUT when it is set, with the whole log as gpu_check.log. Exit status: 0 only when every
-# step passed. Environment: PYTHON (default python3), PYTEST_ARGS (default "-q tests"),
+# Results: <gpu>.{json,md,png}, <gpu>_e2e.* and <gpu>_pytest.log (e.g. nvidia-h100.json), written
+# straight into $OUT when it is set (so whatever a killed call had written still comes back) and
+# copied into benchmarks/results/ as each stage ends; the whole log is gpu_check.log. Exit status: 0
+# only when every step passed. Environment: PYTHON (default python3), PYTEST_ARGS (default "-q tests"),
 # TEST_TIMEOUT / BENCH_TIMEOUT / E2E_TIMEOUT in seconds (default 240, 180, 240: the whole check stays
 # under 12 minutes with the build), and DEADLINE: when set, the whole script's budget in seconds; each
 # stage's limit is cut to what is left of it, so a single call with a hard limit still gets every
@@ -38,6 +40,13 @@ mkdir -p "$LOGS" benchmarks/results
 export PYTHONUNBUFFERED=1
 
 STAGES=" ${STAGES:-install tests bench e2e} "
+for stage in $STAGES; do
+  case "$stage" in
+    install|tests|bench|e2e) ;;
+    *) echo "gpu_check: unknown stage '$stage' in STAGES; valid: install tests bench e2e (space-separated)" >&2
+       exit 2 ;;
+  esac
+done
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 START=$(date +%s)
 # limit CAP: CAP seconds, or less when DEADLINE leaves less (20 s kept for copying results).
@@ -50,11 +59,18 @@ limit() {
   [ "$cap" -lt 1 ] && cap=1
   echo "$cap"
 }
-# keep NAME...: copy the finished results into $OUT now, so they come back even if a later stage is cut off.
+# Results are written into $OUT when it is set (a call killed mid-stage still returns what it wrote).
+RESULTS=${OUT:-benchmarks/results}
+# keep NAME...: list a stage's result files and copy them into benchmarks/results/ (the checkout's copy).
 keep() {
   local f
   for f in "$@"; do
-    if [ -f "$f" ]; then ls -l "$f"; if [ -n "${OUT:-}" ]; then cp "$f" "$OUT/"; fi; else echo "missing: $f"; fi
+    if [ -f "$RESULTS/$f" ]; then
+      ls -l "$RESULTS/$f"
+      if [ "$RESULTS" != benchmarks/results ]; then cp "$RESULTS/$f" benchmarks/results/; fi
+    else
+      echo "missing: $f"
+    fi
   done
 }
 
@@ -98,39 +114,38 @@ sys.path.insert(0, 'benchmarks')
 from harness.env import slug
 print(slug(torch.cuda.get_device_name()))")
 NAME=${NAME:-cuda}
-RESULTS=benchmarks/results
 
 if want tests; then
   step "tests: pytest ${PYTEST_ARGS:--q tests}"
   # shellcheck disable=SC2086
-  timeout "$(limit "${TEST_TIMEOUT:-240}")" "$PY" -m pytest ${PYTEST_ARGS:--q tests} -rfEs -p no:cacheprovider 2>&1 \
+  timeout -k 10 "$(limit "${TEST_TIMEOUT:-240}")" "$PY" -m pytest ${PYTEST_ARGS:--q tests} -rfEs -p no:cacheprovider 2>&1 \
     | tee "$RESULTS/${NAME}_pytest.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { failed+=("tests (exit $rc)"); echo "tests failed (exit $rc); going on"; }
-  keep "$RESULTS/${NAME}_pytest.log"
+  keep "${NAME}_pytest.log"
 fi
 
 if want bench; then
   step "benchmark: benchmarks/run.py --device cuda --quick --name $NAME"
-  timeout "$(limit "${BENCH_TIMEOUT:-180}")" "$PY" benchmarks/run.py --device cuda --quick --name "$NAME" --out-dir "$RESULTS" \
+  timeout -k 10 "$(limit "${BENCH_TIMEOUT:-180}")" "$PY" benchmarks/run.py --device cuda --quick --name "$NAME" --out-dir "$RESULTS" \
     --ops transport objective sampler
   rc=$?
   [ "$rc" -eq 0 ] || { failed+=("benchmark (exit $rc)"); echo "benchmark failed (exit $rc)"; }
-  keep "$RESULTS/$NAME".{json,md,png}
+  keep "$NAME".{json,md,png}
 fi
 
 if want e2e; then
   E2E_NAME="${NAME}${E2E_SUFFIX:-_e2e}"
   step "benchmark: end to end (DiT training step, sampling) --name $E2E_NAME"
   # shellcheck disable=SC2086
-  timeout "$(limit "${E2E_TIMEOUT:-240}")" "$PY" benchmarks/run.py --device cuda ${E2E_ARGS---quick} \
+  timeout -k 10 "$(limit "${E2E_TIMEOUT:-240}")" "$PY" benchmarks/run.py --device cuda ${E2E_ARGS---quick} \
     --name "$E2E_NAME" --out-dir "$RESULTS" --ops end_to_end
   rc=$?
   [ "$rc" -eq 0 ] || { failed+=("end-to-end benchmark (exit $rc)"); echo "end-to-end benchmark failed (exit $rc)"; }
-  keep "$RESULTS/$E2E_NAME".{json,md,png}
+  keep "$E2E_NAME".{json,md,png}
 fi
 
-step "results (copied into \$OUT as each stage ended)"
+step "results (in $RESULTS; copied into benchmarks/results as each stage ended)"
 if [ ${#failed[@]} -eq 0 ]; then
   echo "gpu_check: all steps passed ($NAME)"
 else

@@ -8,6 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${SANITIZE_VENV:-$(mktemp -d)/venv}
 python3 -m venv --system-site-packages "$venv"
+# Run from a virtualenv (CI's), --system-site-packages reaches the base interpreter's packages, not the
+# virtualenv's: a .pth file adds those (torch, pytest, the build tools the README installed). The
+# sanitized ucgm_fast installs into the new venv, which comes first on sys.path.
+if [ -n "${VIRTUAL_ENV:-}" ]; then
+  site() { "$1" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"; }
+  site python3 > "$(site "$venv/bin/python")/_parent_venv.pth"
+fi
 "$venv/bin/python" -m pip install -q --no-build-isolation \
   -Ccmake.define.UCGM_SANITIZE=ON -Ccmake.define.UCGM_ENABLE_CUDA=OFF -Cbuild-dir=build/sanitize .
 asan=$(gcc -print-file-name=libasan.so)

@@ -249,6 +249,18 @@ def test_custom_transport_uses_reference(device):
     assert lin.noise_time == 1.0 and ucgm_fast.get_transport("ReLinear").noise_time == 0.0
 
 
+@pytest.mark.parametrize("archs, cc, runs", [
+    ("80-real,90", (7, 5), False), ("80-real,90", (8, 0), True), ("80-real,90", (8, 6), True),
+    ("80-real,90", (9, 0), True), ("80-real,90", (12, 0), True), ("80-real", (9, 0), False), ("75", (8, 6), True),
+    ("90a", (9, 0), True), ("90a", (10, 0), False), ("86-real", (8, 0), False), ("", (8, 0), False),
+    ("native", (8, 0), True)])
+def test_which_gpus_a_build_runs_on(archs, cc, runs):
+    # The ops fall back to the reference on a GPU the build has no code for (a default build on a
+    # T4, 7.5) instead of failing with "no kernel image"; build_info() says so.
+    from ucgm_fast._kernels import archs_run_on
+    assert archs_run_on(archs, *cc) is runs
+
+
 def test_build_info():
     info = ucgm_fast.build_info()
     for key in ("cpu", "cuda", "cuda_version", "cuda_architectures", "openmp"):

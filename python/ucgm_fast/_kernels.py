@@ -1,6 +1,10 @@
 """Calls into the compiled module: picks the CPU or CUDA entry point and torch's current stream."""
 from __future__ import annotations
 
+import functools
+import re
+import warnings
+
 import torch
 
 try:
@@ -27,9 +31,9 @@ class Kernel:
         self.cuda = getattr(_C, f"{name}_cuda", None)
 
     def available(self, like: torch.Tensor) -> bool:
-        """Whether this build has the kernel for ``like``'s device."""
+        """Whether this build has the kernel for ``like``'s device (CUDA: code that device can run)."""
         if like.is_cuda:
-            return self.cuda is not None
+            return self.cuda is not None and cuda_code_runs_on(like.get_device())
         return self.cpu is not None and like.is_cpu
 
     def __call__(self, like: torch.Tensor, *args) -> None:
@@ -95,6 +99,45 @@ def eager_fast_path(*tensors: torch.Tensor) -> bool:
     return plain_eager(*tensors)
 
 
+def archs_run_on(archs: str, major: int, minor: int) -> bool:
+    """Whether CUDA code built for ``archs`` (CMake's list, e.g. "80-real,90") runs at capability major.minor.
+
+    Real code (SASS) for sm_XY runs on X.Z for Z >= Y; PTX for compute_XY is JIT-compiled for any
+    capability >= X.Y; an "a"-suffixed (architecture-specific) entry runs on exactly its own.
+    """
+    for entry in archs.replace(";", ",").split(","):
+        m = re.fullmatch(r"\s*(\d+)([a-z]?)(?:-(real|virtual))?\s*", entry)
+        if m is None:
+            if entry.strip():
+                return True  # "all", "native", ...: CMake chose, trust it
+            continue
+        n, suffix, kind = int(m.group(1)), m.group(2), m.group(3)
+        if suffix:
+            if (n // 10, n % 10) == (major, minor):
+                return True
+            continue
+        if kind != "virtual" and n // 10 == major and n % 10 <= minor:
+            return True
+        if kind != "real" and n <= 10 * major + minor:
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_code_runs_on(index: int) -> bool:
+    """Whether this build's CUDA kernels run on device ``index``; warns once per device if not (the ops
+    then run the eager reference there instead of failing with "no kernel image")."""
+    archs = str(_C.build_info().get("cuda_architectures", "")) if _C is not None else ""
+    major, minor = torch.cuda.get_device_capability(index)
+    if archs_run_on(archs, major, minor):
+        return True
+    warnings.warn(f"ucgm_fast: this build has CUDA code for {archs or 'no architecture'}, none of which runs on "
+                  f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}); the ops run the eager "
+                  f"reference there. Rebuild with UCGM_CUDA_ARCHS={major}{minor} pip install . for the fused kernels.",
+                  RuntimeWarning, stacklevel=3)
+    return False
+
+
 def build_info() -> dict:
     """What was compiled: CPU, OpenMP, CUDA (yes/no, version, architectures), compiler, sanitizers.
 
@@ -104,5 +147,6 @@ def build_info() -> dict:
     if _C is None:
         return {"cpu": False, "cuda": False, "openmp": False, "error": str(IMPORT_ERROR)}
     info = dict(_C.build_info())
-    info["cuda_available_at_runtime"] = bool(info["cuda"] and torch.cuda.is_available())
+    info["cuda_available_at_runtime"] = bool(info["cuda"] and torch.cuda.is_available()
+                                             and cuda_code_runs_on(torch.cuda.current_device()))
     return info
