@@ -352,6 +352,22 @@ def test_cuda_graph_inside_autocast_does_not_keep_cached_casts():
 
 
 @cuda
+def test_cached_tables_serve_another_stream():
+    # Tables built (copied asynchronously) on one stream and reused on another: the call waits on
+    # their event, so both streams sample the same.
+    ucgm_fast.clear_graph_cache()
+    model = GaussianDenoiserCuda("Linear")
+    noise = noise_like(dtype=torch.float32).cuda()
+    a = ucgm_fast.sample(model, noise, "Linear", steps=4, stochast_ratio=0.5, seed=1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        b = ucgm_fast.sample(model, noise, "Linear", steps=4, stochast_ratio=0.5, seed=1)
+    torch.cuda.synchronize()
+    assert torch.equal(a, b) and len(ucgm_fast.sampler._TABLES) == 1
+
+
+@cuda
 def test_no_host_sync_in_loop():
     model = GaussianDenoiserCuda("TrigFlow")
     noise = noise_like(dtype=torch.float32).cuda()
