@@ -126,12 +126,14 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     return payload
 
 
-def list_checkpoints(directory: str) -> List[str]:
-    """Checkpoint files ``NNNNNNN.pt`` in directory, oldest step first (temp files ignored)."""
+def list_checkpoints(directory: str, exclude: Iterable[str] = ()) -> List[str]:
+    """Checkpoint files ``NNNNNNN.pt`` in directory, oldest step first (temp files and ``exclude`` left out)."""
     if not os.path.isdir(directory):
         return []
+    skip = {os.path.abspath(p) for p in exclude}
     found = [(int(m.group(1)), name) for name in os.listdir(directory) if (m := _NAME.match(name))]
-    return [os.path.join(directory, name) for _, name in sorted(found)]
+    paths = (os.path.join(directory, name) for _, name in sorted(found))
+    return [p for p in paths if os.path.abspath(p) not in skip]
 
 
 def latest_checkpoint(directory: str) -> Optional[str]:
@@ -147,8 +149,7 @@ def load_latest_valid(directory: str, map_location="cpu", warn=print, exclude: I
     run's, e.g. the checkpoint it was initialised from) are not considered. Raises CheckpointError
     if the directory holds checkpoints but none verifies, FileNotFoundError if it holds none.
     """
-    skip = {os.path.abspath(p) for p in exclude}
-    found = [p for p in list_checkpoints(directory) if os.path.abspath(p) not in skip]
+    found = list_checkpoints(directory, exclude)
     if not found:
         raise FileNotFoundError(f"no checkpoints (NNNNNNN.pt) in {directory!r} to resume from")
     errors = []
@@ -167,8 +168,7 @@ def prune_checkpoints(directory: str, keep_last: int, keep: Iterable[str] = ()) 
     Files in ``keep`` are neither deleted nor counted (e.g. the checkpoint the run started from).
     """
     removed = []
-    skip = {os.path.abspath(p) for p in keep}
-    found = [p for p in list_checkpoints(directory) if os.path.abspath(p) not in skip]
+    found = list_checkpoints(directory, exclude=keep)
     for path in found[:-keep_last] if keep_last > 0 else found:
         os.remove(path)
         removed.append(path)

@@ -277,8 +277,7 @@ def _resolve_resume(resume: str, directory: str, warn, exclude=()):
         try:
             return resume, ckpt_io.load_checkpoint(resume)
         except ckpt_io.CheckpointError as err:
-            others = [p for p in ckpt_io.list_checkpoints(os.path.dirname(os.path.abspath(resume)))
-                      if os.path.abspath(p) != os.path.abspath(resume)]
+            others = ckpt_io.list_checkpoints(os.path.dirname(os.path.abspath(resume)), exclude=[resume])
             hint = (f"; earlier checkpoints in the same folder: {', '.join(others)} "
                     f"(resume from one with --resume PATH, or --resume alone for the newest valid one)"
                     if others else "")
@@ -317,9 +316,7 @@ def _set_aside_later(ckdir: str, step: int, warn, exclude=()) -> None:
     would be picked by the next ``--resume`` and keep pruning from deleting the new ones (it keeps
     the highest steps). Moved, not deleted: they are still the user's.
     """
-    skip = {os.path.abspath(p) for p in exclude}
-    later = [p for p in ckpt_io.list_checkpoints(ckdir)
-             if ckpt_io.checkpoint_step(p) > step and os.path.abspath(p) not in skip]
+    later = [p for p in ckpt_io.list_checkpoints(ckdir, exclude) if ckpt_io.checkpoint_step(p) > step]
     if not later:
         return
     aside = os.path.join(ckdir, "superseded")
