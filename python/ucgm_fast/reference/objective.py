@@ -113,7 +113,7 @@ def _per_sample_loss(F, target, huber_eps, cosine):
     loss = torch.sqrt(_row_mean((F - target) ** 2) + huber_eps ** 2) - huber_eps
     if cosine:
         cos = 1 - Fn.cosine_similarity(F, target, dim=1)
-        loss = loss + (cos.reshape(cos.shape[0], -1).mean(dim=1) if cos.dim() > 1 else cos)
+        loss = loss + _row_mean(cos)
     return loss
 
 
