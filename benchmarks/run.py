@@ -106,19 +106,22 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, budget:
     in_turn = row["in_turn"] = w.in_turn or device.type == "cpu"
     wrap = w.around or (lambda f: f)
     b = w.budget or budget
-    timings, errs, first_s = {}, {}, {}
+    timings, errs, first_s, in_turn_fns = {}, {}, {}, {}
 
     def run(name, fn):
         """Calls one peer and checks its output; times it now, or later in turn with the others."""
-        t = f = wrap(fn)
+        f = wrap(fn)
         if w.reset is not None:
             w.reset()
         if in_turn:  # timed below, in turn with the other peers
             first_s[name], out = timing.first_call(f, w.args, device)
         else:
             t, out = timing.time_call(f, w.args, device, b, flusher, flush)
-        errs[name] = _err(out, ref)
-        timings[name] = t
+        errs[name] = _err(out, ref)  # a peer whose output cannot be checked is not timed either
+        if in_turn:
+            in_turn_fns[name] = f
+        else:
+            timings[name] = t
 
     def optional(name, fn, what):
         try:
@@ -136,7 +139,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, budget:
             for name, fn in w.peers.items():
                 optional(name, fn, f"peer {name}")
         if in_turn:
-            timings = timing.time_in_turn(timings, w.args, device, b, first_s, w.prepare)
+            timings = timing.time_in_turn(in_turn_fns, w.args, device, b, first_s, w.prepare)
     del ref
 
     row.update(_timing_fields("eager", timings["eager"]))
