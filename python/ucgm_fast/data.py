@@ -234,13 +234,11 @@ def load_image_folder(root, size: int, split: str = "train", channels=3, holdout
              for index, name in enumerate(classes)]
     if not any(paths for _, paths in files):
         raise ValueError(f"image-folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    if channels is None:  # opening an image reads its header only
-        grey = True
-        for _, paths in files:
-            for path in paths:
-                with Image.open(path) as im:
-                    grey = grey and im.mode in _GREY_MODES
-        channels = 1 if grey else 3
+    if channels is None:  # opening an image reads its header only; the first colour image settles it
+        def mode(path):
+            with Image.open(path) as im:
+                return im.mode
+        channels = 1 if all(mode(path) in _GREY_MODES for _, paths in files for path in paths) else 3
     images = [_read_image(path, size, channels) for _, paths in files for path in paths]
     labels = [index for index, paths in files for _ in paths]
     tensor = torch.from_numpy(np.stack(images)).div_(127.5).sub_(1.0)
