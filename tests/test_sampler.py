@@ -248,6 +248,8 @@ def test_bad_input():
         (dict(rfba_gap_steps=(0.6, 0.4)), ValueError, "empty time interval"),
         (dict(rfba_gap_steps=(0.0, 1.0)), ValueError, "empty time interval"),
         (dict(rfba_gap_steps=(0.1,)), ValueError, "rfba_gap_steps"),
+        # Order 2 from the noise end: the correction would divide by gamma_in(1) = 0 (NaN as published).
+        (dict(rfba_gap_steps=(0.0, 0.3), order=2, steps=4), ValueError, "gamma_in"),
         (dict(time_dist_ctrl=(1.0, 0.0, 1.0)), ValueError, "time_dist_ctrl"),
         (dict(cfg_scale=-1.0), ValueError, "cfg_scale"),
         (dict(cfg_scale=2.0), ValueError, "needs class labels"),
@@ -268,6 +270,12 @@ def test_bad_input():
         ucgm_fast.sample(lambda x, t, y: x, noise, cfg_scale=2.0, y=torch.tensor([1, 2, 3]))
     with pytest.raises(TypeError, match="noise"):
         ucgm_fast.sample(model, noise.long())
+    # gamma_in never vanishes on the grid of these: order 2 from g0 = 0 is fine.
+    for tr in ("TrigFlow", "EDM"):
+        out = ucgm_fast.sample(GaussianDenoiser(tr), noise, tr, steps=4, order=2, rfba_gap_steps=(0.0, 0.3))
+        assert torch.isfinite(out).all()
+    # One step of order 2 corrects nothing: g0 = 0 is fine.
+    assert torch.isfinite(ucgm_fast.sample(model, noise, steps=1, order=2, rfba_gap_steps=(0.0, 0.3))).all()
 
 
 # ---------------------------------------------------------------------------------------------

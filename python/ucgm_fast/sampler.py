@@ -87,6 +87,15 @@ def _tables(steps, order, tr, time_dist, gaps, kappa, e, scale, interval, batch,
     grid = reference.time_grid(steps, order, tr, time_dist, gaps)  # also checks the transport
     if not torch.isfinite(grid).all():
         raise ValueError(f"sample: the time grid has non-finite values for time_dist_ctrl {time_dist}")
+    if order == 2 and len(grid) > 2:
+        # The Heun correction divides by gamma_in(t) at every step but the last; the published loop
+        # returns NaN when a grid starts exactly at the noise end (gamma_in = 0), e.g. g0 = 0.
+        gamma = tr.coefficients(grid[:-2])[1]
+        if not bool((gamma != 0).all()):
+            t_bad = float(grid[:-2][gamma == 0][0])
+            raise ValueError(f"sample: order=2 corrects the step at t={t_bad:g}, where gamma_in(t) = 0 "
+                             f"({tr.name}): the correction divides by it. Keep the grid off the noise end "
+                             f"with rfba_gap_steps[0] > 0 (got {gaps}; published default 0.001), or use order=1")
     if kappa == "auto":  # published: fixed at the first step
         kappa = reference.auto_stochast_ratio(tr, float(grid[0]), float(grid[1]))
     iters = len(grid) - 1
