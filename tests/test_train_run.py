@@ -185,13 +185,15 @@ def test_init_from_starts_few_step_tuning_from_ema_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_with_gloo(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_ddp_two_cpu_processes_with_gloo(tmp_path, compiled):
     # torchrun of this interpreter (a `torchrun` on PATH may belong to another Python)
     cmd = [sys.executable, "-m", "torch.distributed.run",
         "--standalone", "--nproc_per_node", "2", "-m", "ucgm_fast.train", "--config", tiny_config(tmp_path),
-        "train.max_steps=6", "train.ckpt_every=3"]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+        "train.max_steps=6", "train.ckpt_every=3", f"train.compile={str(compiled).lower()}"]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "FutureWarning" not in done.stderr
     out = tmp_path / "run"
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [3, 6]  # rank 0 alone writes

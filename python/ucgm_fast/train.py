@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import inspect
 import json
 import os
 import sys
@@ -392,13 +393,20 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
             ema_init(ema, model)
 
     train_model = model
-    if tcfg["compile"]:
-        train_model = torch.compile(train_model)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        # torch 2.13 renames broadcast_buffers and warns on the old name. The new one still syncs buffers
+        # once at start; the DiT's buffers are the same on every rank, so the run is unchanged.
+        sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                else "broadcast_buffers")
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None,
-                          broadcast_buffers=not tcfg["no_buffer"])
+                          **{sync: not tcfg["no_buffer"]})
+    if tcfg["compile"]:
+        # compile(DDP(model)), as PyTorch's DDP notes advise: the compiler then splits the graph at
+        # DDP's bucket boundaries so gradient all-reduces overlap the backward pass. DDP(compile(model))
+        # runs one opaque backward and reduces every bucket after it.
+        train_model = torch.compile(train_model)
 
     if tcfg["global_batch_size"] % world or len(dataset) < tcfg["global_batch_size"]:
         raise ConfigError(f"train.global_batch_size ({tcfg['global_batch_size']}) must be divisible by the number "
