@@ -254,10 +254,14 @@ def test_eval_cli_prints_fd_beside_the_floor(trained_checkpoint, tmp_path):
     assert m["repeats"][0]["fd"] == pytest.approx(r["fd"])  # seed 0 is the single run's sample set
 
 
-def test_resume_a_run_directory_without_its_config_file(tmp_path):
+def test_resume_a_run_directory_without_its_config_file(tmp_path, monkeypatch):
     cfg = load_config(tiny_config(tmp_path), ["train.max_steps=3", "train.ckpt_every=3"])
     train(cfg)
+    reads = []
+    load = ck.load_checkpoint
+    monkeypatch.setattr(ck, "load_checkpoint", lambda path, *a, **k: reads.append(path) or load(path, *a, **k))
     assert train_main(["--resume", cfg["output_dir"], "train.max_steps=5", "train.ckpt_every=5"]) == 0
+    assert len(reads) == 1  # the checkpoint's config and its state come from one read
     assert ck.latest_checkpoint(os.path.join(cfg["output_dir"], "checkpoints")).endswith("0000005.pt")
     rows = [json.loads(line)["step"] for line in open(os.path.join(cfg["output_dir"], "metrics.jsonl"))]
     assert rows == [3, 5]

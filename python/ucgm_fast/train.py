@@ -327,8 +327,12 @@ def _set_aside_later(ckdir: str, step: int, warn, exclude=()) -> None:
     warn(f"resuming at step {step}: moved {len(later)} later checkpoint(s) of this run to {aside}")
 
 
-def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
-    """Runs training as configured; returns a summary dict (rank 0: steps, final loss, paths)."""
+def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Dict[str, Any]:
+    """Runs training as configured; returns a summary dict (rank 0: steps, final loss, paths).
+
+    ``resume``: a checkpoint file, a run directory, or '' for this run's newest valid checkpoint.
+    (``_loaded``: the (path, payload) of that checkpoint when the caller has read it already.)
+    """
     tcfg = cfg["train"]
     rank, world, device = _setup_distributed(tcfg["device"])
     main_proc = rank == 0
@@ -344,7 +348,7 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
                     if p and os.path.dirname(os.path.abspath(p)) == os.path.abspath(ckdir)]
     payload, resume_path = None, None
     if resume is not None:
-        resume_path, payload = _resolve_resume(resume, out_dir, warn, exclude=src_in_ckdir)
+        resume_path, payload = _loaded or _resolve_resume(resume, out_dir, warn, exclude=src_in_ckdir)
         warn(f"resuming from {resume_path} (step {payload['step']})")
 
     # Seeds first: model init, then the objective's draws, follow from them on every rank.
@@ -568,6 +572,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # `--resume key=value`: argparse gave --resume the first override; it meant "no path".
         args.overrides.insert(0, args.resume)
         args.resume = ""
+    loaded = None
     try:
         if args.config is None and args.resume:
             # Resume without a config: the checkpoint's own config, plus any overrides. The run goes
@@ -580,12 +585,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 cfg["output_dir"], cfg["exp_name"] = os.path.dirname(ckdir), None
             cfg = apply_overrides(cfg, args.overrides)
             validate_config(cfg)
-            args.resume = path
+            args.resume, loaded = path, (path, payload)  # train() need not read it again
         elif args.config is None:
             raise ConfigError("--config is required (or --resume PATH to continue a run)")
         else:
             cfg = load_config(args.config, args.overrides)
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, _loaded=loaded)
     except (ConfigError, ckpt_io.CheckpointError, FileNotFoundError) as err:
         print(f"ucgm-train: error: {err}", file=sys.stderr)
         return 2
