@@ -352,3 +352,30 @@ def test_sample_cli_seed_defaults_to_the_configs(tmp_path):
 
     default = draw()
     assert np.array_equal(default, draw("--seed", "5")) and not np.array_equal(default, draw("--seed", "0"))
+
+
+def test_latent_run_saves_its_scaling_and_sample_npz_maps_back(tmp_path):
+    # Trained on scaled latents; the checkpoint keeps the scaling, so --save-npz can give the
+    # autoencoder's latents (to decode) even where the latent file is gone.
+    from ucgm_fast.sample_cli import main as sample_main
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((64, 2, 4, 4)).astype(np.float32) * [[[3.0]], [[0.5]]] + 2
+    np.savez(tmp_path / "lat.npz", latents=x.astype(np.float32), labels=np.arange(64) % 4)
+    cfg = load_config(tiny_config(tmp_path), [
+        "data.name=latents", f"data.data_path={tmp_path / 'lat.npz'}", "data.num_classes=4", "data.image_size=4",
+        "data.latent_norm=true", "data.latent_multiplier=0.5", "train.max_steps=1", "train.ckpt_every=1"])
+    train(cfg)
+    src = os.path.join(cfg["output_dir"], "checkpoints", "0000001.pt")
+    stats = ck.load_checkpoint(src)["latent_stats"]
+    assert np.allclose(stats["mean"].numpy(), x.mean((0, 2, 3)), atol=1e-5)
+    assert np.allclose(stats["std"].numpy(), x.std((0, 2, 3), ddof=1), rtol=1e-5)
+    assert stats["multiplier"] == 0.5
+    os.remove(tmp_path / "lat.npz")
+    out = tmp_path / "s.npz"
+    assert sample_main(["--ckpt", src, "--steps", "1", "--num", "3", "--device", "cpu",
+                        "--out", str(tmp_path / "g.png"), "--save-npz", str(out)]) == 0
+    saved = np.load(out)
+    expected = saved["samples"] / 0.5 * x.std((0, 2, 3), ddof=1)[:, None, None] + x.mean((0, 2, 3))[:, None, None]
+    assert saved["latents"].shape == (3, 2, 4, 4) and np.allclose(saved["latents"], expected, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(saved["latent_std"], stats["std"].numpy()) and saved["latent_multiplier"] == 0.5

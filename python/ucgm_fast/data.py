@@ -17,6 +17,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -44,6 +45,9 @@ class ImageDataset:
     name: str = ""
     split: str = "all"
     class_names: list = field(default_factory=list)
+    #: Latents scaled for training: {"mean": (C,), "std": (C,), "multiplier": float} such that
+    #: model space = (latent - mean) / std * multiplier (set by the training config's scaling).
+    latent_stats: Optional[dict] = None
 
     def __post_init__(self):
         if self.images.dim() != 4:

@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     add_sampler_arguments(p)
     p.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--save-npz", default=None, help="also save the samples (model space) and labels to .npz")
+    p.add_argument("--save-npz", default=None,
+                   help="also save the samples (model space) and labels to .npz; for latent data also the "
+                        "autoencoder's latents (to decode) and the scaling between the two")
     return p
 
 
@@ -74,7 +76,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .train import build_dataset, grid_labels, images_of, load_model_from_checkpoint, sample_images
+    from .train import (build_dataset, grid_labels, images_of, load_model_from_checkpoint, sample_images,
+                        to_autoencoder_latents)
 
     args = _parser().parse_args(argv)
     try:
@@ -107,7 +110,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         nrow = model.num_classes if model.num_classes <= 16 and not args.labels else None
         save_grid(images_of(dataset, x), args.out, nrow=nrow)
         if args.save_npz:
-            np.savez(args.save_npz, samples=x.float().cpu().numpy(), labels=labels.numpy())
+            arrays = {"samples": x.float().cpu().numpy(), "labels": labels.numpy()}
+            if cfg["data"]["name"] == "latents":
+                stats = payload.get("latent_stats") or getattr(dataset, "latent_stats", None)
+                if stats is None:
+                    print("ucgm-sample: warning: the checkpoint predates latent statistics and the latent file "
+                          "is not here: --save-npz holds model-space samples only", file=sys.stderr)
+                else:
+                    arrays.update(latents=to_autoencoder_latents(x, stats).cpu().numpy(),
+                                  latent_mean=stats["mean"].numpy(), latent_std=stats["std"].numpy(),
+                                  latent_multiplier=np.float32(stats["multiplier"]))
+            np.savez(args.save_npz, **arrays)
         print(f"{args.num} samples, {steps} steps, {elapsed:.2f} s ({payload['step']} training steps) -> {args.out}")
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         print(f"ucgm-sample: error: {err}", file=sys.stderr)

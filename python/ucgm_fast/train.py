@@ -104,13 +104,30 @@ def build_dataset(cfg: Dict[str, Any], split: str = "train"):
         raise ConfigError(f"data.num_classes is {d['num_classes']} but dataset {name!r} has "
                           f"{dataset.num_classes} classes")
     if name == "latents":  # in place: a latent file can be most of the host's memory
+        images, multiplier = dataset.images, float(d["latent_multiplier"])
+        channels = images.shape[1]
+        mean, std = torch.zeros(channels), torch.ones(channels)
         if d["latent_norm"]:
-            images = dataset.images
-            std = images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)
-            images.sub_(images.mean(dim=(0, 2, 3), keepdim=True)).div_(std)
-        if float(d["latent_multiplier"]) != 1.0:
-            dataset.images.mul_(float(d["latent_multiplier"]))
+            mean = images.mean(dim=(0, 2, 3))
+            std = images.std(dim=(0, 2, 3)).clamp_min(1e-8)
+            images.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+        if multiplier != 1.0:
+            images.mul_(multiplier)
+        # Saved with each checkpoint: samples map back to the autoencoder's latents without the data.
+        dataset.latent_stats = {"mean": mean, "std": std, "multiplier": multiplier}
     return dataset
+
+
+def to_autoencoder_latents(x: torch.Tensor, stats: Dict[str, Any]) -> torch.Tensor:
+    """latent = x / multiplier * std + mean: model-space samples back in the autoencoder's latent space.
+
+    ``stats`` is a checkpoint's ``latent_stats`` (per-channel ``mean`` and ``std``, ``multiplier``), the
+    inverse of the scaling :func:`build_dataset` applied to the training latents (published demo decode).
+    """
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    mean = stats["mean"].to(x.device, torch.float32).view(shape)
+    std = stats["std"].to(x.device, torch.float32).view(shape)
+    return x.float() / float(stats["multiplier"]) * std + mean
 
 
 def _dataset_shape(dataset) -> tuple:
@@ -448,7 +465,7 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
                 "step": at_step, "model": model.state_dict(), "ema": ema.state_dict(),
                 "optimizer": opt.state_dict(), "objective": objective.state_dict(), "rng": rngs,
                 "data": batches.state_dict(), "config": cfg, "model_config": mcfg, "world_size": world,
-                "version": 1}, path)
+                "latent_stats": dataset.latent_stats, "version": 1}, path)
             ckpt_io.prune_checkpoints(ckdir, tcfg["keep_last"], keep=src_in_ckdir)
             log.info(f"saved {path}", bar)
 
