@@ -46,7 +46,7 @@ DEFAULTS: Dict[str, Any] = {
     "exp_name": None,                # optional subfolder of output_dir (published: derived from the path)
     "data": {
         "name": "digits",            # digits | fashion-mnist | image-folder | latents
-        "data_path": None,           # image-folder root / latents .npy|.npz file (published key)
+        "data_path": None,           # image-folder root / latents .npy|.npz file or published shard folder
         "fid_reference_file": None,  # published key, accepted but not read (ucgm-eval scores against held-out data)
         "image_size": 8,             # pixel size; the model sees image_size // vae.downsample_ratio
         "num_classes": 10,

@@ -8,7 +8,8 @@ latents as stored), ``labels`` (N,) int64 in [0, num_classes), ``num_classes``. 
 - ``fashion-mnist``: Fashion-MNIST (60000 train + 10000 test, 28x28) from the idx gzip files of Debian's
   ``dataset-fashion-mnist`` package (or a directory given as ``root``).
 - ``image-folder``: ``root/<class>/<image>``; centre-cropped, resized to ``size``, held out per class.
-- ``latents``: a ``.npz`` (arrays ``latents`` and ``labels``) or a ``.npy`` array (+ ``labels`` file).
+- ``latents``: a ``.npz`` (arrays ``latents`` and ``labels``) or a ``.npy`` array (+ ``labels`` file), or
+  a folder of ``.safetensors`` shards in the published layout, read lazily (:mod:`ucgm_fast.latent_shards`).
 """
 from __future__ import annotations
 
@@ -64,6 +65,11 @@ class ImageDataset:
 
     def __getitem__(self, index):
         return self.images[index], self.labels[index]
+
+    @property
+    def item_shape(self) -> tuple:
+        """(C, H, W) of one item."""
+        return tuple(self.images.shape[1:])
 
     @property
     def in_channels(self) -> int:
@@ -253,14 +259,24 @@ def load_image_folder(root, size: int, split: str = "train", channels=3, holdout
 
 def load_latents(path, split: str = "train", labels=None, num_classes=None, holdout_fraction: float = 0.0,
                  seed: int = 0) -> ImageDataset:
-    """Pre-encoded latents (N, C, H, W) with labels, unscaled: a .npz (latents, labels) or a .npy (+ labels file).
+    """Pre-encoded latents (N, C, H, W) with labels, unscaled: a .npz (latents, labels), a .npy (+ labels
+    file), or a folder of .safetensors shards in the published layout.
 
     A ``.npz`` holds ``latents`` (or ``x`` / ``images``) and ``labels`` (or ``y``). A ``.npy`` holds the
     latents; ``labels`` is then a path to a ``.npy`` of labels or omitted (every label 0, one class).
+    Files are read into memory. A folder (``latents``, ``latents_flip``, ``labels`` per shard, as made
+    by the published recipes' latent extraction) stays on disk: a lazy
+    :class:`ucgm_fast.latent_shards.LatentShards`.
     """
     if path is None:
-        raise ValueError("latents: pass path=<.npz or .npy file>")
+        raise ValueError("latents: pass path=<.npz or .npy file, or a folder of .safetensors shards>")
     path = Path(path)
+    if path.is_dir():
+        if labels is not None:
+            raise ValueError("latents: a folder of shards holds its own labels; do not pass labels")
+        from .latent_shards import LatentShards
+
+        return _select_split(LatentShards(str(path), num_classes), split, holdout_fraction, seed)
     if not path.is_file():
         raise FileNotFoundError(f"latents: {path} does not exist")
     if path.suffix == ".npz":
@@ -366,16 +382,28 @@ class BatchPlan:
         start = pos * self.global_batch + self.rank * self.local_batch
         return self._permutation(epoch)[start:start + self.local_batch]
 
+    def variants(self, step: int, k: int) -> torch.Tensor:
+        """This rank's variant (0 .. k-1, e.g. plain / flipped) of each item of step ``step``: drawn
+        for the global batch from (seed, step), so resuming and the number of ranks change nothing."""
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + 500_009 + step * 7919) % (2 ** 63))
+        start = self.rank * self.local_batch
+        return torch.randint(k, (self.global_batch,), generator=gen)[start:start + self.local_batch]
+
 
 class _IndexSampler:
     # A batch sampler over steps [start, ...) for torch's DataLoader (workers fetch, the plan decides).
-    def __init__(self, plan: BatchPlan, start: int):
-        self.plan, self.start = plan, start
+    # A dataset with k variants of each of its N items (published latents: plain and flipped) takes
+    # index i + v N for variant v.
+    def __init__(self, plan: BatchPlan, start: int, variants: int = 1):
+        self.plan, self.start, self.k = plan, start, variants
 
     def __iter__(self):
         step = self.start
         while True:
-            yield self.plan.indices(step).tolist()
+            idx = self.plan.indices(step)
+            if self.k > 1:
+                idx = idx + self.plan.num_items * self.plan.variants(step, self.k)
+            yield idx.tolist()
             step += 1
 
 
@@ -387,8 +415,9 @@ class InfiniteLoader:
     batches partition one global batch of ``batch_size * world_size``. A dataset holding
     ``images``/``labels`` tensors (an :class:`ImageDataset`) is indexed directly -- moved to
     ``device`` once when it is under ``max_device_bytes`` -- any other map-style dataset of (x, y)
-    items goes through ``torch.utils.data.DataLoader`` with ``num_workers`` workers. Resume with
-    ``start=step`` or ``load_state_dict``.
+    items goes through ``torch.utils.data.DataLoader`` with ``num_workers`` workers; when it has
+    ``variants = k`` versions of each item (index ``i + v * len(dataset)``), the plan picks one at random
+    per draw. Resume with ``start=step`` or ``load_state_dict``.
     """
 
     def __init__(self, dataset, batch_size: int, seed: int = 0, device=None, rank: int = 0, world_size: int = 1,
@@ -422,7 +451,8 @@ class InfiniteLoader:
         else:
             if self._it is None:
                 self._it = iter(torch.utils.data.DataLoader(
-                    self.dataset, batch_sampler=_IndexSampler(self.plan, self.step), num_workers=self.num_workers,
+                    self.dataset, batch_sampler=_IndexSampler(self.plan, self.step, getattr(self.dataset, "variants", 1)),
+                    num_workers=self.num_workers,
                     persistent_workers=self.num_workers > 0))
             x, y = next(self._it)[:2]
         self.step += 1

@@ -103,16 +103,22 @@ def build_dataset(cfg: Dict[str, Any], split: str = "train"):
     if dataset.num_classes != d["num_classes"]:
         raise ConfigError(f"data.num_classes is {d['num_classes']} but dataset {name!r} has "
                           f"{dataset.num_classes} classes")
-    if name == "latents":  # in place: a latent file can be most of the host's memory
-        images, multiplier = dataset.images, float(d["latent_multiplier"])
-        channels = images.shape[1]
+    if name == "latents":
+        multiplier, channels = float(d["latent_multiplier"]), dataset.item_shape[0]
         mean, std = torch.zeros(channels), torch.ones(channels)
-        if d["latent_norm"]:
-            mean = images.mean(dim=(0, 2, 3))
-            std = images.std(dim=(0, 2, 3)).clamp_min(1e-8)
-            images.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
-        if multiplier != 1.0:
-            images.mul_(multiplier)
+        if not isinstance(getattr(dataset, "images", None), torch.Tensor):  # shards on disk: scaled as read
+            if d["latent_norm"]:
+                mean, std = dataset.channel_stats()
+                std = std.clamp_min(1e-8)
+            dataset.set_scaling(mean, std, multiplier)
+        else:  # in place: a latent file can be most of the host's memory
+            images = dataset.images
+            if d["latent_norm"]:
+                mean = images.mean(dim=(0, 2, 3))
+                std = images.std(dim=(0, 2, 3)).clamp_min(1e-8)
+                images.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+            if multiplier != 1.0:
+                images.mul_(multiplier)
         # Saved with each checkpoint: samples map back to the autoencoder's latents without the data.
         dataset.latent_stats = {"mean": mean, "std": std, "multiplier": multiplier}
     return dataset
@@ -130,13 +136,9 @@ def to_autoencoder_latents(x: torch.Tensor, stats: Dict[str, Any]) -> torch.Tens
     return x.float() / float(stats["multiplier"]) * std + mean
 
 
-def _dataset_shape(dataset) -> tuple:
-    return tuple(dataset.images.shape[-3:])
-
-
 def check_dataset(dataset, mcfg: Dict[str, Any], name: str) -> None:
     """Raises ConfigError when the data's (C, H, W) does not match the model's input."""
-    c, h, w = _dataset_shape(dataset)
+    c, h, w = dataset.item_shape
     size, chans = mcfg["input_size"], mcfg["in_channels"]
     if (c, h, w) != (chans, size, size):
         raise ConfigError(
@@ -372,7 +374,7 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
     torch.manual_seed(tcfg["global_seed"] * world + rank)
 
     dataset = build_dataset(cfg, "train")
-    in_chans = cfg["model"]["in_chans"] or _dataset_shape(dataset)[0]
+    in_chans = cfg["model"]["in_chans"] or dataset.item_shape[0]
     mcfg = model_config(cfg, in_chans)
     model = build_model(mcfg).to(device)
     check_dataset(dataset, mcfg, cfg["data"]["name"])
