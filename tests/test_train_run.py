@@ -320,6 +320,33 @@ def test_resume_applies_the_configs_optimizer_settings(tmp_path, capsys):
     assert float(opt["state"][0]["step"]) == 2 and "fused" not in opt["param_groups"][0]
 
 
+def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside(tmp_path, capsys):
+    # Pruning keeps the highest steps: left in place, a longer earlier run's checkpoints would make it
+    # delete each new one as it is written (and a later --resume continue the old run).
+    common = ["train.ckpt_every=3", "train.keep_last=2"]
+    train(load_config(tiny_config(tmp_path), common + ["train.max_steps=9"]))
+    ckdir = tmp_path / "run" / "checkpoints"
+    summary = train(load_config(tiny_config(tmp_path), common + ["train.max_steps=6"]))
+    assert "moved 2 checkpoint(s) of an earlier run" in capsys.readouterr().err
+    assert sorted(os.listdir(ckdir)) == ["0000003.pt", "0000006.pt", "superseded"]
+    assert os.path.isfile(summary["checkpoint"])
+    train(load_config(tiny_config(tmp_path), common + ["train.max_steps=3"]))  # again: nothing overwritten
+    assert sorted(os.listdir(ckdir / "superseded")) == ["0000003.pt", "0000006.1.pt", "0000006.pt", "0000009.pt"]
+
+
+def test_source_checkpoint_is_recognised_through_a_symlinked_run_folder(tmp_path):
+    cfg = load_config(tiny_config(tmp_path), ["train.max_steps=1", "train.ckpt_every=1"])
+    train(cfg)
+    real = tmp_path / "real" / "checkpoints"
+    real.mkdir(parents=True)
+    src = real / "0000001.pt"
+    shutil.copy(os.path.join(cfg["output_dir"], "checkpoints", "0000001.pt"), src)
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    train(load_config(tiny_config(tmp_path, "tune"), [f"output_dir={tmp_path / 'link'}", f"train.init_from={src}",
+                                                      "train.max_steps=3", "train.ckpt_every=1", "train.keep_last=1"]))
+    assert sorted(os.listdir(real)) == ["0000001.pt", "0000003.pt"]  # the user's source model survives
+
+
 def test_published_ckpt_among_the_runs_checkpoints_is_neither_resumed_nor_pruned(tmp_path):
     cfg = load_config(tiny_config(tmp_path), ["train.max_steps=4", "train.ckpt_every=4"])
     train(cfg)

@@ -130,10 +130,10 @@ def list_checkpoints(directory: str, exclude: Iterable[str] = ()) -> List[str]:
     """Checkpoint files ``NNNNNNN.pt`` in directory, oldest step first (temp files and ``exclude`` left out)."""
     if not os.path.isdir(directory):
         return []
-    skip = {os.path.abspath(p) for p in exclude}
+    skip = {os.path.realpath(p) for p in exclude}  # real paths: a symlinked run folder is the same folder
     found = [(int(m.group(1)), name) for name in os.listdir(directory) if (m := _NAME.match(name))]
     paths = (os.path.join(directory, name) for _, name in sorted(found))
-    return [p for p in paths if os.path.abspath(p) not in skip]
+    return [p for p in paths if os.path.realpath(p) not in skip]
 
 
 def latest_checkpoint(directory: str) -> Optional[str]:

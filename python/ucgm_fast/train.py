@@ -298,7 +298,7 @@ def _resolve_resume(resume: str, directory: str, warn, exclude=()):
             return resume, ckpt_io.load_checkpoint(resume)
         except ckpt_io.CheckpointError as err:
             others = ckpt_io.list_checkpoints(os.path.dirname(os.path.abspath(resume)), exclude=[resume])
-            hint = (f"; earlier checkpoints in the same folder: {', '.join(others)} "
+            hint = (f"; other checkpoints in the same folder: {', '.join(others)} "
                     f"(resume from one with --resume PATH, or --resume alone for the newest valid one)"
                     if others else "")
             raise ckpt_io.CheckpointError(f"{err}{hint}") from None
@@ -332,9 +332,10 @@ def _load_optimizer(opt, payload: Dict[str, Any], cfg: Dict[str, Any], path: str
 def _set_aside_later(ckdir: str, step: int, warn, exclude=()) -> None:
     """Moves this run's checkpoints past ``step`` (but not ``exclude``) into checkpoints/superseded/.
 
-    Resuming from an earlier checkpoint abandons what came after it; left in place, those files
-    would be picked by the next ``--resume`` and keep pruning from deleting the new ones (it keeps
-    the highest steps). Moved, not deleted: they are still the user's.
+    Resuming from an earlier checkpoint (or starting afresh, ``step = -1``, where an earlier run left
+    checkpoints) abandons what came after it; left in place, those files would be picked by the next
+    ``--resume`` and make pruning delete the new ones (it keeps the highest steps). Moved, not
+    deleted: they are still the user's.
     """
     later = [p for p in ckpt_io.list_checkpoints(ckdir, exclude) if ckpt_io.checkpoint_step(p) > step]
     if not later:
@@ -342,8 +343,14 @@ def _set_aside_later(ckdir: str, step: int, warn, exclude=()) -> None:
     aside = os.path.join(ckdir, "superseded")
     os.makedirs(aside, exist_ok=True)
     for path in later:
-        os.replace(path, os.path.join(aside, os.path.basename(path)))
-    warn(f"resuming at step {step}: moved {len(later)} later checkpoint(s) of this run to {aside}")
+        dest, stem, n = os.path.join(aside, os.path.basename(path)), os.path.basename(path)[:-3], 1
+        while os.path.exists(dest):  # set aside before: keep both
+            dest, n = os.path.join(aside, f"{stem}.{n}.pt"), n + 1
+        os.replace(path, dest)
+    if step >= 0:
+        warn(f"resuming at step {step}: moved {len(later)} later checkpoint(s) of this run to {aside}")
+    else:
+        warn(f"starting afresh: moved {len(later)} checkpoint(s) of an earlier run to {aside}")
 
 
 def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Dict[str, Any]:
@@ -364,7 +371,7 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
     # The published layout may put the checkpoint this run starts from among its own: it is never
     # resumed from (it is not this run's state) nor pruned (it is the user's source model).
     src_in_ckdir = [p for p in [_init_source(cfg, ckdir, must_exist=False)]
-                    if p and os.path.dirname(os.path.abspath(p)) == os.path.abspath(ckdir)]
+                    if p and os.path.dirname(os.path.realpath(p)) == os.path.realpath(ckdir)]
     payload, resume_path = None, None
     if resume is not None:
         resume_path, payload = _loaded or _resolve_resume(resume, out_dir, warn, exclude=src_in_ckdir)
@@ -414,6 +421,8 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
             warn(f"initialised from {src} (step {init['step']}; {tcfg['init_weights']} weights)")
         else:
             ema_init(ema, model)
+        if main_proc:
+            _set_aside_later(ckdir, -1, warn, exclude=src_in_ckdir)
 
     train_model = model
     if world > 1:
