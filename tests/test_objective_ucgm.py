@@ -330,6 +330,78 @@ def test_from_config():
         ucgm_fast.UCGM.from_config({"consistc": 1.0})
     with pytest.raises(ValueError, match="given twice"):
         ucgm_fast.UCGM.from_config({"type": "Linear", "transport": "EDM"})
+    with pytest.raises(ValueError, match="'consistency_ratio' given beside a 'transport' mapping"):
+        ucgm_fast.UCGM.from_config({"transport": {"type": "Linear"}, "consistency_ratio": 0.5})
+
+
+def test_model_calls_get_their_own_times():
+    # A model that rescales its time input in place must not change the loss's own t (nor the caller's).
+    class InPlace(TinyModel):
+        def forward(self, x, t, y):
+            t *= 1000
+            return super().forward(x, t / 1000, y)
+
+    x, z, y, t = BATCH
+    for lam, e in ((0.0, 1.5), (1.0, 1.5), (0.5, 0.0)):
+        kw = dict(consistency_ratio=lam, enhanced_ratio=e, label_drop_ratio=0.25, target_ema_decay=0.5)
+        plain, inplace = TinyModel().double(), InPlace().double()
+        inplace.load_state_dict(plain.state_dict())
+        t_in = t.clone()
+        a = ucgm_fast.UCGM(**kw).loss(plain, x, y, t=t, z=z)
+        b = ucgm_fast.UCGM(**kw).loss(inplace, x, y, t=t_in, z=z)
+        assert torch.equal(t_in, t) and torch.allclose(a, b, rtol=1e-12), (lam, e)
+
+
+def test_the_target_is_a_constant_also_at_lambda_0():
+    x, z, y, t = BATCH
+    for lam, e in ((0.0, 0.0), (0.0, 1.5), (1.0, 0.0)):
+        kw = dict(consistency_ratio=lam, enhanced_ratio=e, label_drop_ratio=0.25)
+        xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ucgm = ucgm_fast.UCGM(**kw, target_ema_decay=0.5)
+        use_target(ucgm, T64)
+        (gx,) = torch.autograd.grad(ucgm.loss(M64, xs, y, t=t, z=z), xs)
+        (gr,) = torch.autograd.grad(reference.training_loss(M64, xr, y, t, z, target_model=T64, **kw), xr)
+        assert torch.allclose(gx, gr, rtol=1e-9, atol=1e-12), (lam, e)
+
+
+def test_transports_derived_from_builtins_run_their_own_functions():
+    import dataclasses
+
+    doubled = dataclasses.replace(ucgm_fast.get_transport("Linear"), gamma_to=lambda t: -2 * torch.ones_like(t))
+    assert doubled.id is None
+    x, z, y, t = BATCH
+    kw = dict(label_drop_ratio=0.25)
+    got = ucgm_fast.UCGM(doubled, **kw).loss(M64, x, y, t=t, z=z)
+    assert torch.allclose(got, reference.training_loss(M64, x, y, t, z, transport=doubled, **kw), rtol=1e-12)
+    assert not torch.allclose(got, ucgm_fast.UCGM("Linear", **kw).loss(M64, x, y, t=t, z=z))
+
+
+def test_load_state_dict_copies_and_resets():
+    x, z, y, t = BATCH
+    model, ucgm = ema_setup(0.9)
+    ucgm.loss(model, x, y, t=t, z=z)
+    state = ucgm.state_dict()
+    snapshot = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    later = ucgm_fast.UCGM("Linear", 0.0, 0.5, label_drop_ratio=0.25, target_ema_decay=0.9)
+    later.load_state_dict(state)  # no target yet: kept until it is made
+    perturb(model, 3)
+    ucgm.update_target(model)  # the source goes on training
+    for k, v in later.state_dict().items():
+        assert torch.equal(v, snapshot[k]) if isinstance(v, torch.Tensor) else v == snapshot[k], k
+    # A state saved before any target existed makes the next loss build it afresh, as a new object does.
+    fresh_state = ucgm_fast.UCGM("Linear", 0.0, 0.5, label_drop_ratio=0.25, target_ema_decay=0.9).state_dict()
+    ucgm.load_state_dict(fresh_state)
+    new = ucgm_fast.UCGM("Linear", 0.0, 0.5, label_drop_ratio=0.25, target_ema_decay=0.9)
+    assert torch.equal(ucgm.loss(model, x, y, t=t, z=z), new.loss(model, x, y, t=t, z=z))
+    assert ucgm.target_updates == new.target_updates == 1
+    # A target state that does not fit: a clear error, and the object stays usable after a good load.
+    bad = ucgm_fast.UCGM("Linear", 0.0, 0.5, label_drop_ratio=0.25, target_ema_decay=0.9)
+    bad.load_state_dict({"target_decay": 0.5, "target_updates": 2, "mod.conv.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="does not fit the model"):
+        bad.loss(model, x, y, t=t, z=z)
+    assert bad.target is None
+    bad.load_state_dict(new.state_dict())
+    assert torch.isfinite(bad.loss(model, x, y, t=t, z=z))
 
 
 def test_sample_delegates_to_sampler(monkeypatch):
@@ -346,9 +418,14 @@ def test_sample_delegates_to_sampler(monkeypatch):
     noise = torch.randn(2, 3, 4, 4)
     out = ucgm_fast.UCGM("TrigFlow").sample(M32, noise, steps=2, y=torch.zeros(2, dtype=torch.long))
     assert torch.equal(out, noise * 2)
-    assert seen["transport"] == "TrigFlow" and seen["steps"] == 2 and seen["model"] is M32
+    assert seen["transport"] is ucgm_fast.get_transport("TrigFlow") and seen["steps"] == 2 and seen["model"] is M32
     ucgm_fast.UCGM("TrigFlow").sample(M32, noise, transport="Linear")
     assert seen["transport"] == "Linear"
+    # A custom transport that merely carries a built-in's name is passed on as itself.
+    mine = ucgm_fast.Transport(alpha_in=lambda t: t, gamma_in=lambda t: 1 - t, alpha_to=lambda t: torch.ones_like(t),
+                               gamma_to=lambda t: -2 * torch.ones_like(t), name="Linear")
+    ucgm_fast.UCGM(mine).sample(M32, noise)
+    assert seen["transport"] is mine
 
 
 class TestBadInput:

@@ -122,8 +122,8 @@ def test_model_input_dtype_and_times():
         return torch.zeros_like(x)
 
     noise = noise_like(dtype=torch.bfloat16)
-    out = ucgm_fast.sample(model, noise, "Linear", 3, 2, 0.0, rfba_gap_steps=(0.0, 0.25))
-    grid = reference.time_grid(3, 2, "Linear", (1, 1, 1), (0.0, 0.25))
+    out = ucgm_fast.sample(model, noise, "Linear", 3, 2, 0.0, rfba_gap_steps=(0.001, 0.25))
+    grid = reference.time_grid(3, 2, "Linear", (1, 1, 1), (0.001, 0.25))
     assert out.dtype == torch.float32
     assert [s[0] for s in seen] == [torch.bfloat16] * 3 and all(s[1] == torch.float32 for s in seen)
     assert all(s[2] == (SHAPE[0],) for s in seen)
@@ -234,6 +234,21 @@ def test_step_tables_cached_per_setting():
     assert not ucgm_fast.sampler._TABLES
 
 
+def test_models_get_their_own_times():
+    # A model that rescales t in place must not reach the cached per-step tables (nor later calls).
+    class InPlace(GaussianDenoiser):
+        def forward(self, x, t, y=None):
+            t *= 1000
+            return super().forward(x, t / 1000, y)
+
+    noise = noise_like()
+    for order in (1, 2):
+        kw = dict(steps=5, order=order, stochast_ratio=0.0)
+        plain = ucgm_fast.sample(GaussianDenoiser("Linear"), noise, "Linear", **kw)
+        assert torch.allclose(ucgm_fast.sample(InPlace("Linear"), noise, "Linear", **kw), plain, rtol=1e-6)
+        assert torch.equal(ucgm_fast.sample(GaussianDenoiser("Linear"), noise, "Linear", **kw), plain)
+
+
 def test_bad_input():
     model = GaussianDenoiser("Linear")
     noise = noise_like()
@@ -257,12 +272,13 @@ def test_bad_input():
         (dict(state_dtype=torch.float16), TypeError, "state_dtype"),
         (dict(seed="a"), TypeError, "seed"),
         (dict(y=torch.tensor([1, 2])), ValueError, "y must"),
+        (dict(y=torch.tensor([1.0, 2.0, 3.0])), TypeError, "integer class labels"),
         (dict(cuda_graph=True), ValueError, "cuda_graph"),
         (dict(transport="Nope"), ValueError, "transport"),
     ]:
         with pytest.raises(exc, match=pattern):
             ucgm_fast.sample(model, noise, **kwargs)
-    with pytest.raises(ValueError, match="rejected noise of shape"):
+    with pytest.raises(ValueError, match="rejected its first input, noise of shape"):
         ucgm_fast.sample(model, noise_like((3, 4, 6)))
     with pytest.raises(ValueError, match="shaped like its input"):
         ucgm_fast.sample(lambda x, t: x[:, :2], noise)

@@ -185,10 +185,16 @@ class UCGM:
         """
         if not isinstance(d, dict):
             raise TypeError(f"UCGM.from_config: expected a dict, got {type(d).__name__}")
-        if isinstance(d.get("transport"), dict):
-            d = d["transport"]
         import inspect
         valid = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        if isinstance(d.get("transport"), dict):
+            # A whole config: its other sections are not ours, but a stray constructor argument beside
+            # the mapping would be silently dropped.
+            stray = sorted(k for k in d if k != "transport" and _PUBLISHED_KEYS.get(k, k) in valid)
+            if stray:
+                raise ValueError(f"UCGM.from_config: {', '.join(map(repr, stray))} given beside a 'transport' "
+                                 "mapping; put them inside it")
+            d = d["transport"]
         kwargs = {}
         for key, value in d.items():
             name = _PUBLISHED_KEYS.get(key, key)
@@ -216,16 +222,20 @@ class UCGM:
 
     def _create_target(self, model):
         base = _unwrap_all(model)
-        self.target = copy.deepcopy(base).requires_grad_(False).train()
+        target = copy.deepcopy(base).requires_grad_(False).train()
         if self._pending_target_state is not None:
-            self.target.load_state_dict(self._pending_target_state)
+            try:
+                target.load_state_dict(self._pending_target_state)
+            except RuntimeError as err:
+                raise ValueError(f"UCGM: the loaded target network state does not fit the model: {err}") from None
             self._pending_target_state = None
         else:
             # The copy is the published first EMA update (decay 0): d moves on from 0.
             self.target_decay = self._next_decay(0.0)
             self.target_updates = 1
         compiled = _unwrap_ddp(model) is not base
-        self._target_call = torch.compile(self.target) if compiled else self.target
+        self.target = target  # assigned last: a failed load leaves no half-made copy behind
+        self._target_call = torch.compile(target) if compiled else target
 
     def _next_decay(self, d: float) -> float:
         D = self.target_ema_decay
@@ -292,8 +302,14 @@ class UCGM:
                 target[name] = value
             else:
                 raise ValueError(f"UCGM.load_state_dict: unexpected key {key!r}")
-        if not target or not self.uses_target_copy:
+        if not self.uses_target_copy:
             return  # D = 0 keeps no copy (a published checkpoint then stores the online model itself)
+        if not target:
+            # Saved before the copy existed: so it is again, made from the model at the next use.
+            self.target = self._target_call = self._pending_target_state = None
+            return
+        # Copies: the caller's tensors may go on changing (another UCGM's live state).
+        target = OrderedDict((k, v.detach().clone()) for k, v in target.items())
         if self.target is not None:
             self.target.load_state_dict(target)
         else:
@@ -397,20 +413,23 @@ class UCGM:
         # skip the public functions' checks (host time that matters at training sizes).
         lo, hi = self.enhanced_range
         x_t, target = _interpolate(x, z, t, tr)
-        F_t = model(x_t, t, y)
+        # Each model call gets its own copy of t (B numbers): t is read again below, and a model may
+        # scale its time input in place. The training target is a constant in every regime.
+        F_t = model(x_t, t.clone(), y)
+        target = target.detach()
         self._check_output(F_t, x)
         F_d = F_t.detach()
         if lam == 0.0:
             if e != 0.0:
                 with torch.no_grad():
-                    F_wo = self.target_network(model)(x_t, t, torch.full_like(y, null))
+                    F_wo = self.target_network(model)(x_t, t.clone(), torch.full_like(y, null))
                     self._check_output(F_wo, x, "target network", like=F_d)
                     target = _enhance(x, z, F_d, F_wo, t, tr, e, lo, hi, ndrop, True)
         else:
             with torch.no_grad():
                 if e != 0.0:
                     # D = 0: the target network is the online model at the same input, i.e. F_t itself.
-                    F_w = F_d if not self.uses_target_copy else self.target_network(model)(x_t, t, y)
+                    F_w = F_d if not self.uses_target_copy else self.target_network(model)(x_t, t.clone(), y)
                     self._check_output(F_w, x, "target network")
                     x_tar, z_tar = _enhance(x, z, F_w, None, t, tr, e, lo, hi, ndrop, False)
                 else:
@@ -438,6 +457,5 @@ class UCGM:
     def sample(self, model, noise, **kwargs):
         """``ucgm_fast.sample(model, noise, transport=<this transport>, **kwargs)``: see :func:`ucgm_fast.sample`."""
         from .sampler import sample  # the sampler module lands separately; imported on use
-        kwargs.setdefault("transport", self.transport.name if self.transport.name in BUILTIN_TRANSPORTS
-                          else self.transport)
+        kwargs.setdefault("transport", self.transport)
         return sample(model, noise, **kwargs)

@@ -170,6 +170,8 @@ class _Plan:
                 raise ValueError(f"{op}: y must be a tensor of shape (B,) = ({noise.shape[0]},) of class labels")
             if y.device != noise.device:
                 raise ValueError(f"{op}: y is on {y.device} but noise is on {noise.device}")
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise TypeError(f"{op}: y must hold integer class labels, got dtype {y.dtype}")
         if self.cfg:
             if y is None:
                 raise ValueError(f"{op}: classifier-free guidance (cfg_scale={scale}) needs class labels y")
@@ -213,12 +215,15 @@ def _run(plan: _Plan, noise: torch.Tensor, sched: torch.Tensor, t_model: torch.T
         xin = x if x.dtype == mdtype else x.to(mdtype)
         if plan.cfg:
             xin = torch.cat([xin, xin])
+        t_i = t_model[i].clone()  # the model's own copy: the table is cached across calls
         try:
-            out = model(xin, t_model[i]) if y is None else model(xin, t_model[i], y)
+            out = model(xin, t_i) if y is None else model(xin, t_i, y)
+        except torch.cuda.OutOfMemoryError:  # not the input's fault
+            raise
         except Exception as exc:
             if i == 0:
-                raise ValueError(f"sample: the model rejected noise of shape {tuple(noise.shape)} "
-                                 f"({type(exc).__name__}: {exc})") from exc
+                raise ValueError(f"sample: the model rejected its first input, noise of shape {tuple(noise.shape)}"
+                                 f"{'' if y is None else ' with labels y'} ({type(exc).__name__}: {exc})") from exc
             raise
         if not isinstance(out, torch.Tensor) or out.shape != xin.shape:
             raise ValueError(f"sample: the model returned {tuple(getattr(out, 'shape', ()))} for input "

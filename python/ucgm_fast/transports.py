@@ -48,7 +48,9 @@ class Transport:
     alpha_to: Fn
     gamma_to: Fn
     name: str = "custom"
-    id: Optional[int] = field(default=None, repr=False, compare=False)
+    # The kernels' transport id: built-in transports only. Not an init field, so a transport derived
+    # with dataclasses.replace (other functions) runs the reference instead of the built-in kernels.
+    id: Optional[int] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for key in ("alpha_in", "gamma_in", "alpha_to", "gamma_to"):
@@ -96,7 +98,13 @@ _BUILTIN = {
     "Random": dict(alpha_in=lambda t: torch.sin(_C * t), gamma_in=lambda t: 1 - t,
                    alpha_to=lambda t: torch.ones_like(t), gamma_to=lambda t: -1 - torch.exp(-5 * t)),
 }
-BUILTIN_TRANSPORTS = {name: Transport(name=name, id=i, **_BUILTIN[name]) for i, name in enumerate(TRANSPORTS)}
+def _builtin(i: int, name: str) -> Transport:
+    tr = Transport(name=name, **_BUILTIN[name])
+    object.__setattr__(tr, "id", i)  # frozen dataclass
+    return tr
+
+
+BUILTIN_TRANSPORTS = {name: _builtin(i, name) for i, name in enumerate(TRANSPORTS)}
 assert math.isclose(_C, 1.57) and tuple(BUILTIN_TRANSPORTS) == TRANSPORTS
 
 
