@@ -107,7 +107,8 @@ def test_floats_written_with_an_exponent_are_numbers(tmp_path):
 
 @pytest.mark.parametrize("text, names", [
     ("train:\n  max_step: 3\n", ["'train.max_steps'", "'train.max_step'"]),
-    ("trainn:\n  max_steps: 3\n", ["'trainn'"]),
+    ("trainn:\n  max_steps: 3\n", ["'trainn.max_steps' (did you mean 'train.max_steps'?)"]),
+    ("sampel:\n  sampling_steps: 3\n", ["'sampel.sampling_steps' (did you mean 'sample.sampling_steps'?)"]),
     ("transport:\n  weight_function: Cosine\n  foo: 1\n", ["'transport.weight_function'", "'transport.foo'"]),
 ])
 def test_unknown_keys_in_file_are_named(tmp_path, text, names):

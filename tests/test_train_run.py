@@ -227,6 +227,59 @@ def test_sample_cli_writes_a_grid(trained_checkpoint, tmp_path):
     assert arrays["samples"].shape == (20, 1, 8, 8) and np.isfinite(arrays["samples"]).all()
 
 
+def test_sampler_flags_are_checked_before_sampling(trained_checkpoint, tmp_path, capsys):
+    from ucgm_fast.eval_cli import main as eval_main
+    from ucgm_fast.sample_cli import main as sample_main
+
+    common = ["--ckpt", trained_checkpoint, "--steps", "2", "--num", "4", "--device", "cpu"]
+    assert sample_main(common + ["--out", str(tmp_path / "g.png"), "--stochast-ratio", "auto"]) == 0
+    for flags, message in ((["--stochast-ratio", "1.5"], "stochast_ratio"), (["--stochast-ratio", "x"], "auto"),
+                           (["--cfg-scale", "-1"], "cfg_scale"), (["--time-dist-ctrl", "0", "1", "1"], "time_dist")):
+        capsys.readouterr()
+        assert sample_main(common + ["--out", str(tmp_path / "g.png"), *flags]) == 2, flags
+        assert message in capsys.readouterr().err
+    # ucgm-eval: 0 is a value (not "use the config's"), and flags fail before the classifier trains.
+    cache = ["--cache-dir", str(tmp_path / "never")]
+    assert eval_main(["--ckpt", trained_checkpoint, "--steps", "2", "--num", "0", *cache]) == 2
+    assert eval_main(["--ckpt", trained_checkpoint, "--steps", "0", *cache]) == 2
+    assert eval_main(["--ckpt", trained_checkpoint, "--steps", "6", "--num", "10", "--order", "2",
+                      "--rfba-gap-steps", "0", "0.1", *cache]) == 2
+    assert "gamma_in" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
+def test_config_checks_sampler_and_optimizer_settings():
+    for override, message in (("sample.cfg_scale=-1", "cfg_scale"), ("sample.time_dist_ctrl=[0,1,1]", "time_dist"),
+                              ("sample.cfg_interval=[0.9,0.1]", "cfg_interval"),
+                              ("optimizer.beta1=1.5", "optimizer.beta1"), ("optimizer.eps=-1", "optimizer.eps")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match="gamma_in"):  # order 2 from the noise end (Linear): NaN samples
+        load_config(None, ["sample.sampling_order=2", "sample.rfba_gap_steps=[0.0, 0.1]"])
+
+
+def test_source_checkpoint_among_the_runs_own(tmp_path, capsys):
+    cfg = load_config(tiny_config(tmp_path), ["train.max_steps=3", "train.ckpt_every=3"])
+    train(cfg)
+    src = os.path.join(cfg["output_dir"], "checkpoints", "0000003.pt")
+    # Under a step the run would save: refused, rather than overwritten.
+    clash = tmp_path / "clash" / "checkpoints"
+    clash.mkdir(parents=True)
+    shutil.copy(src, clash / "0000003.pt")
+    with pytest.raises(ConfigError, match="rename it"):
+        train(load_config(tiny_config(tmp_path, "clash"), ["train.ckpt=0000003.pt", "train.max_steps=3"]))
+    # --resume RUN without --config: the source is not the run's state (config.yaml names it).
+    run = tmp_path / "tune"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(src, run / "checkpoints" / "0000000.pt")
+    tune = ["train.ckpt=0000000.pt", "transport.consistc_ratio=1.0", "transport.ema_decay_rate=1.0",
+            "train.ckpt_every=2", "train.keep_last=1"]
+    train(load_config(tiny_config(tmp_path, "tune"), tune + ["train.max_steps=2"]))
+    assert train_main(["--resume", str(run), "train.max_steps=4"]) == 0
+    assert "resuming from" in capsys.readouterr().err
+    assert sorted(os.listdir(run / "checkpoints")) == ["0000000.pt", "0000004.pt"]
+    assert ck.load_checkpoint(str(run / "checkpoints" / "0000004.pt"))["config"]["transport"]["consistc_ratio"] == 1.0
+
+
 def test_sample_cli_names_a_corrupted_checkpoint(trained_checkpoint, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(open(trained_checkpoint, "rb").read()[:1000])
@@ -339,12 +392,12 @@ def test_source_checkpoint_is_recognised_through_a_symlinked_run_folder(tmp_path
     train(cfg)
     real = tmp_path / "real" / "checkpoints"
     real.mkdir(parents=True)
-    src = real / "0000001.pt"
+    src = real / "0000000.pt"
     shutil.copy(os.path.join(cfg["output_dir"], "checkpoints", "0000001.pt"), src)
     os.symlink(tmp_path / "real", tmp_path / "link")
     train(load_config(tiny_config(tmp_path, "tune"), [f"output_dir={tmp_path / 'link'}", f"train.init_from={src}",
                                                       "train.max_steps=3", "train.ckpt_every=1", "train.keep_last=1"]))
-    assert sorted(os.listdir(real)) == ["0000001.pt", "0000003.pt"]  # the user's source model survives
+    assert sorted(os.listdir(real)) == ["0000000.pt", "0000003.pt"]  # the user's source model survives
 
 
 def test_published_ckpt_among_the_runs_checkpoints_is_neither_resumed_nor_pruned(tmp_path):

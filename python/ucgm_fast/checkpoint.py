@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
-           "load_latest_valid", "prune_checkpoints", "checkpoint_path", "checkpoint_step"]
+           "load_latest_valid", "prune_checkpoints", "checkpoint_path", "checkpoint_step", "is_checkpoint_name"]
 
 _MAGIC = b"UCGMCKPT"
 _TRAILER = len(_MAGIC) + 32
@@ -31,6 +31,11 @@ class CheckpointError(RuntimeError):
 def checkpoint_path(directory: str, step: int) -> str:
     """``directory/{step:07d}.pt``."""
     return os.path.join(directory, f"{step:07d}.pt")
+
+
+def is_checkpoint_name(path: str) -> bool:
+    """Whether the file name is ``NNNNNNN.pt``."""
+    return _NAME.match(os.path.basename(path)) is not None
 
 
 def checkpoint_step(path: str) -> int:

@@ -170,8 +170,9 @@ def merge_config(base: Dict[str, Any], update: Dict[str, Any], schema: Optional[
     unknown = []
     for key, value in (update or {}).items():
         path = f"{_prefix}{key}"
-        if key not in schema:
-            unknown.append(path)
+        if key not in schema:  # a misspelt section is named with its keys, so they get suggestions
+            leaves = list(_flat_keys(value)) if isinstance(value, dict) else []
+            unknown.extend([f"{path}.{leaf}" for leaf in leaves] or [path])
             continue
         if schema[key] is _FREE:
             if value is not None and not isinstance(value, dict):
@@ -198,8 +199,17 @@ def default_config() -> Dict[str, Any]:
 
 
 def _suggest(path: str) -> str:
-    known = list(_flat_keys(DEFAULTS))
-    close = difflib.get_close_matches(path, known, n=1, cutoff=0.75)
+    # Whole dotted keys first; else a misspelt section ('trian.max_steps') and its key, part by part.
+    close = difflib.get_close_matches(path, list(_flat_keys(DEFAULTS)), n=1, cutoff=0.75)
+    if not close and "." in path:
+        section, key = path.split(".", 1)
+        sections = [s for s in DEFAULTS if isinstance(DEFAULTS[s], dict)]
+        fixed = section if section in sections else next(iter(difflib.get_close_matches(section, sections, 1, 0.6)), None)
+        if fixed is not None:
+            keys = [k for k in _flat_keys(DEFAULTS[fixed])]
+            match = key if key in keys else next(iter(difflib.get_close_matches(key, keys, 1, 0.75)), None)
+            if match is not None:
+                close = [f"{fixed}.{match}"]
     return f"{path!r} (did you mean {close[0]!r}?)" if close else repr(path)
 
 
@@ -329,6 +339,13 @@ def validate_config(cfg: Dict[str, Any]) -> None:
     if cfg["data"]["image_size"] % cfg["vae"]["downsample_ratio"]:
         raise ConfigError(f"config key 'data.image_size' ({cfg['data']['image_size']}) must be divisible by "
                           f"'vae.downsample_ratio' ({cfg['vae']['downsample_ratio']})")
+    opt = cfg["optimizer"]
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= opt[key] < 1.0:
+            raise ConfigError(f"config key 'optimizer.{key}' must be in [0, 1), got {opt[key]!r}")
+    for key in ("lr", "eps", "weight_decay"):
+        if opt[key] < 0:
+            raise ConfigError(f"config key 'optimizer.{key}' must be >= 0, got {opt[key]!r}")
     if cfg["optimizer"]["max_grad_norm"] is not None and cfg["optimizer"]["max_grad_norm"] <= 0:
         raise ConfigError("config key 'optimizer.max_grad_norm' must be > 0 or null")
     if cfg["optimizer"]["warmup_steps"] < 0 or not 0 <= cfg["optimizer"]["min_lr"] <= cfg["optimizer"]["lr"]:
@@ -339,6 +356,27 @@ def validate_config(cfg: Dict[str, Any]) -> None:
         raise ConfigError("config key 'train.sample_every' must be >= 0")
     if cfg["data"]["channels"] not in (None, 1, 3):
         raise ConfigError(f"config key 'data.channels' must be 1, 3 or null, got {cfg['data']['channels']!r}")
+    check_sampler_settings(cfg)  # before a run trains for hours and fails at its first sample grid
+
+
+def sampler_settings(cfg: Dict[str, Any], steps: Optional[int] = None, **overrides) -> Dict[str, Any]:
+    """The ``sample`` section (published keys; ``overrides`` win, ``steps`` when given) as keyword
+    arguments of :func:`ucgm_fast.sample` (transport from ``transport.type``)."""
+    s = {**cfg["sample"], **overrides}
+    return dict(transport=cfg["transport"]["type"], steps=int(steps or s["sampling_steps"]),
+                order=s["sampling_order"], stochast_ratio=s["stochast_ratio"], extrapol_ratio=s["extrapol_ratio"],
+                time_dist_ctrl=s["time_dist_ctrl"], rfba_gap_steps=s["rfba_gap_steps"], cfg_scale=s["cfg_scale"],
+                cfg_interval=s["cfg_interval"])
+
+
+def check_sampler_settings(cfg: Dict[str, Any], steps: Optional[int] = None, **overrides) -> None:
+    """ConfigError when :func:`ucgm_fast.sample` would reject the sample section (with overrides)."""
+    from .sampler import check_settings
+
+    try:
+        check_settings(**sampler_settings(cfg, steps, **overrides))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"sampler settings (config section 'sample' and flags): {err}") from None
 
 
 def latent_size(cfg: Dict[str, Any]) -> int:

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from .checkpoint import CheckpointError
-from .config import ConfigError
+from .config import ConfigError, check_sampler_settings
 from .sample_cli import add_sampler_arguments, resolve_device, sampler_overrides
 
 __all__ = ["main", "generate"]
@@ -75,21 +75,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               "(decode ucgm-sample --save-npz output and use an Inception FID)")
         model = model.to(device)
         train_set, heldout = build_dataset(cfg, "train"), build_dataset(cfg, "test")
-        num = args.num or cfg["eval"]["num_samples"]
+        num = args.num if args.num is not None else cfg["eval"]["num_samples"]
         if not 2 <= num <= len(train_set):
             raise ConfigError(f"--num must be in [2, {len(train_set)}] (the floor draws as many train images)")
-        steps = args.steps or cfg["sample"]["sampling_steps"]
+        steps = args.steps if args.steps is not None else cfg["sample"]["sampling_steps"]
         if steps < 1:
             raise ConfigError("--steps must be >= 1")
         if args.repeats < 1:
             raise ConfigError("--repeats must be >= 1")
+        overrides = sampler_overrides(args)
+        check_sampler_settings(cfg, steps, **overrides)  # before the classifier trains
         classifier = metrics.load_or_train_classifier(train_set, heldout=heldout, cache_dir=args.cache_dir
                                                       or cfg["eval"]["cache_dir"],
                                                       epochs=cfg["eval"]["classifier_epochs"])
         runs = []
         for seed in range(args.seed, args.seed + args.repeats):
             start = time.perf_counter()
-            samples, labels = generate(model, cfg, num, steps, seed=seed, **sampler_overrides(args))
+            samples, labels = generate(model, cfg, num, steps, seed=seed, **overrides)
             gen_s = time.perf_counter() - start
             if args.grid and seed == args.seed:
                 save_grid(images_of(train_set, samples[:100]), args.grid,
@@ -106,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(out, f, indent=1, default=float)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError, metrics.WeakClassifierError) as err:
         print(f"ucgm-eval: error: {err}", file=sys.stderr)
         return 2
     return 0

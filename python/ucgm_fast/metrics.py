@@ -28,6 +28,10 @@ import torch.nn.functional as F
 
 from .data import ImageDataset, get_dataset
 
+class WeakClassifierError(RuntimeError):
+    """The feature classifier's held-out accuracy is below the floor asked for."""
+
+
 #: Default cache of trained classifiers: $UCGM_CACHE_DIR or ~/.cache/ucgm_fast.
 DEFAULT_CACHE_DIR = Path(os.environ.get("UCGM_CACHE_DIR", Path.home() / ".cache" / "ucgm_fast"))
 
@@ -189,7 +193,7 @@ def load_or_train_classifier(dataset, heldout: ImageDataset = None, cache_dir=No
     if fresh:
         model, accuracy = train_classifier(train, heldout, epochs=epochs, batch_size=batch_size, verbose=verbose)
     if accuracy < min_accuracy:  # also for a cached one: the floor asked for now is what counts
-        raise RuntimeError(f"the feature classifier for {name} reached only {accuracy:.3f} held-out accuracy "
+        raise WeakClassifierError(f"the feature classifier for {name} reached only {accuracy:.3f} held-out accuracy "
                            f"(< min_accuracy={min_accuracy}); its features would not measure sample quality")
     model.eval()
     model.accuracy = accuracy

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError
-from .config import ConfigError
+from .config import ConfigError, check_sampler_settings
 from .plots import save_grid
 
 __all__ = ["main"]
@@ -55,7 +55,14 @@ def sampler_overrides(args) -> dict:
     if args.order is not None:
         out["sampling_order"] = args.order
     if args.stochast_ratio is not None:
-        out["stochast_ratio"] = "Auto" if args.stochast_ratio == "Auto" else float(args.stochast_ratio)
+        value = args.stochast_ratio
+        if value.lower() == "auto":
+            out["stochast_ratio"] = "Auto"
+        else:
+            try:
+                out["stochast_ratio"] = float(value)
+            except ValueError:
+                raise ConfigError(f"--stochast-ratio must be a number in [0, 1] or auto, got {value!r}") from None
     if args.extrapol_ratio is not None:
         out["extrapol_ratio"] = args.extrapol_ratio
     if args.time_dist_ctrl is not None:
@@ -100,8 +107,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             labels = grid_labels(model.num_classes, args.num)
         steps = args.steps or cfg["sample"]["sampling_steps"]
+        overrides = sampler_overrides(args)
+        check_sampler_settings(cfg, steps, **overrides)
         start = time.perf_counter()
-        x = sample_images(model, cfg, labels.to(device), seed=args.seed, steps=steps, **sampler_overrides(args))
+        x = sample_images(model, cfg, labels.to(device), seed=args.seed, steps=steps, **overrides)
         elapsed = time.perf_counter() - start
         try:
             dataset = build_dataset(cfg, "train")  # only for its decoder to [0, 1] images

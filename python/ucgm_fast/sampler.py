@@ -24,7 +24,7 @@ from .ops import sampler as fused
 from .reference import sampler as reference
 from .transports import get_transport
 
-__all__ = ["sample", "clear_graph_cache"]
+__all__ = ["sample", "clear_graph_cache", "check_settings"]
 
 #: Captured loops kept at most (least recently used dropped first): each holds its own memory pool.
 GRAPH_CACHE_SIZE = 8
@@ -201,6 +201,27 @@ class _Plan:
         amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
         self.key = (id(model), tuple(noise.shape), noise.dtype, dev, state_dtype, self.iters, order, tr.id, e > 0,
                     self.cfg, None if y is None else (y.dtype, tuple(y.shape)), self.trajectory, amp)
+
+
+class _Probe:
+    """A stand-in model for :func:`check_settings` (never called)."""
+
+    num_classes = 1
+
+    def __call__(self, x, t, y=None):
+        return x
+
+
+def check_settings(transport="Linear", steps: int = 2, order: int = 1, stochast_ratio=0.0,
+                   extrapol_ratio: float = 0.0, time_dist_ctrl=(1.0, 1.0, 1.0), rfba_gap_steps=(0.001, 0.001),
+                   cfg_scale: float = 0.0, cfg_interval=(0.0, 0.75)) -> None:
+    """Raises the ValueError / TypeError :func:`sample` would raise for these settings, without a model.
+
+    For configs and command lines, checked before hours of training end in a failed sample grid.
+    """
+    _Plan(_Probe(), torch.zeros(1, 1), transport, steps, order, stochast_ratio, extrapol_ratio, time_dist_ctrl,
+          rfba_gap_steps, cfg_scale, cfg_interval, 0, torch.float32, False, False,
+          torch.zeros(1, dtype=torch.long))
 
 
 def _run(plan: _Plan, noise: torch.Tensor, sched: torch.Tensor, t_model: torch.Tensor, weight: torch.Tensor,

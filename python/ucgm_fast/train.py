@@ -29,7 +29,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt_io
 from .data import InfiniteLoader
 from .config import (ConfigError, apply_overrides, dump_config, latent_size, load_config, merge_config, run_dir,
-                     validate_config)
+                     sampler_settings, validate_config)
 from .optim import EMA, FlatGrads, ema_init, load_optimizer_state, lr_at, make_optimizer
 from .plots import save_grid, save_loss_curve, to_display
 
@@ -162,19 +162,14 @@ def sample_images(model: torch.nn.Module, cfg: Dict[str, Any], labels: torch.Ten
     """Samples in model space with the ``sample`` section's settings (steps/overrides win)."""
     from .sampler import sample
 
-    s = {**cfg["sample"], **overrides}
+    settings = sampler_settings(cfg, steps, **overrides)
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size, generator=gen)
     was_training = model.training
     model.eval()
     try:
-        out = sample(model, noise.to(device), transport=cfg["transport"]["type"],
-                     steps=int(steps or s["sampling_steps"]), order=s["sampling_order"],
-                     stochast_ratio=s["stochast_ratio"], extrapol_ratio=s["extrapol_ratio"],
-                     time_dist_ctrl=s["time_dist_ctrl"], rfba_gap_steps=s["rfba_gap_steps"],
-                     cfg_scale=s["cfg_scale"], cfg_interval=s["cfg_interval"], seed=seed,
-                     y=labels.to(device))
+        out = sample(model, noise.to(device), **settings, seed=seed, y=labels.to(device))
     finally:
         model.train(was_training)
     return out
@@ -309,6 +304,15 @@ def _resolve_resume(resume: str, directory: str, warn, exclude=()):
     return ckpt_io.load_latest_valid(ckdir, warn=warn, exclude=exclude)
 
 
+def _source_in(cfg: Dict[str, Any], ckdir: str) -> list:
+    """[the checkpoint the run starts from] when it sits in the run's own ckdir (published layout), else [].
+
+    That file is never resumed from (it is not this run's state) nor pruned (it is the user's model).
+    """
+    src = _init_source(cfg, ckdir, must_exist=False)
+    return [src] if src and os.path.dirname(os.path.realpath(src)) == os.path.realpath(ckdir) else []
+
+
 def _init_source(cfg: Dict[str, Any], ckdir: str, must_exist: bool = True) -> Optional[str]:
     """The checkpoint to initialise from: train.init_from, else the published train.ckpt."""
     src = cfg["train"]["init_from"] or cfg["train"]["ckpt"]
@@ -368,14 +372,16 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
     ckdir = os.path.join(out_dir, "checkpoints")
     warn = (lambda m: print(m, file=sys.stderr)) if main_proc else (lambda m: None)
 
-    # The published layout may put the checkpoint this run starts from among its own: it is never
-    # resumed from (it is not this run's state) nor pruned (it is the user's source model).
-    src_in_ckdir = [p for p in [_init_source(cfg, ckdir, must_exist=False)]
-                    if p and os.path.dirname(os.path.realpath(p)) == os.path.realpath(ckdir)]
+    src_in_ckdir = _source_in(cfg, ckdir)  # the published layout may put the source among the run's own
     payload, resume_path = None, None
     if resume is not None:
         resume_path, payload = _loaded or _resolve_resume(resume, out_dir, warn, exclude=src_in_ckdir)
         warn(f"resuming from {resume_path} (step {payload['step']})")
+    for src in src_in_ckdir:  # saving over it would replace the user's source model
+        src_step = ckpt_io.checkpoint_step(src) if ckpt_io.is_checkpoint_name(src) else -1
+        if (int(payload["step"]) if payload is not None else 0) < src_step <= tcfg["max_steps"]:
+            raise ConfigError(f"train.ckpt / train.init_from {src} sits in this run's checkpoints/ under a step "
+                              "this run may save; rename it (the published layout uses 0000000.pt) or move it")
 
     # Seeds first: model init, then the objective's draws, follow from them on every rank.
     torch.manual_seed(tcfg["global_seed"] * world + rank)
@@ -594,6 +600,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _source_of_run(path: str) -> list:
+    """For --resume RUN without --config: the run's source checkpoint among its own, from the
+    config.yaml it wrote at its start (the checkpoints alone cannot tell it apart)."""
+    run = os.path.dirname(os.path.abspath(path)) if os.path.basename(os.path.abspath(path)) == "checkpoints" else path
+    saved = os.path.join(run, "config.yaml")
+    if not os.path.isdir(path) or not os.path.isfile(saved):
+        return []
+    return _source_in(load_config(saved), os.path.join(run, "checkpoints"))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.resume and "=" in args.resume and not os.path.exists(args.resume):
@@ -606,7 +622,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # Resume without a config: the checkpoint's own config, plus any overrides. The run goes
             # on in the directory it is resumed from, wherever the command runs: the stored
             # output_dir may be relative to where the run was started.
-            path, payload = _resolve_resume(args.resume, args.resume, lambda m: print(m, file=sys.stderr))
+            path, payload = _resolve_resume(args.resume, args.resume, lambda m: print(m, file=sys.stderr),
+                                            exclude=_source_of_run(args.resume))
             cfg = merge_config(load_config(None, []), payload["config"])
             ckdir = os.path.dirname(os.path.abspath(path))
             if os.path.basename(ckdir) == "checkpoints":
