@@ -89,6 +89,7 @@ class LatentShards(torch.utils.data.Dataset):
     """
 
     name = "latents"
+    latent_stats = None  # the scaling, as a checkpoint records it (set by the training config)
 
     def __init__(self, root: str, num_classes: Optional[int] = None, flip: bool = True):
         files = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".safetensors"))
