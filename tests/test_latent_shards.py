@@ -1,4 +1,5 @@
 """Latent folders in the published layout (.safetensors shards with latents, latents_flip, labels)."""
+import json
 import os
 
 import numpy as np
@@ -95,6 +96,17 @@ def test_bad_folders_are_named(tmp_path):
                  str(tmp_path / "mixed" / "z.safetensors"))
     with pytest.raises(ValueError, match="earlier shards"):
         LatentShards(str(tmp_path / "mixed"))
+    # Byte ranges that are negative or overlap (the real reader rejects both; read, they are garbage).
+    for name, table in (("negative", {"latents": {"dtype": "F32", "shape": [1, 1, 2, 2], "data_offsets": [-16, 0]}}),
+                        ("overlap", {"latents": {"dtype": "F32", "shape": [1, 1, 2, 2], "data_offsets": [0, 16]},
+                                     "labels": {"dtype": "U8", "shape": [1], "data_offsets": [8, 9]}}),
+                        ("notatable", [1, 2]),
+                        ("nooffsets", {"latents": {"dtype": "F32", "shape": [1, 1, 2, 2]}})):
+        header = json.dumps(table).encode()
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(32))
+        with pytest.raises(ValueError, match="overlap|inconsistent|not a table"):
+            LatentShards(str(tmp_path / name))
     write_shards(tmp_path / "classes", sizes=(6,))
     with pytest.raises(ValueError, match="labels must lie"):
         LatentShards(str(tmp_path / "classes"), num_classes=2)
@@ -164,3 +176,45 @@ def test_training_runs_on_a_shard_folder(tmp_path):
     assert summary["step"] == 2 and np.isfinite(summary["loss"])
     stats = ck.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "0000002.pt"))["latent_stats"]
     assert torch.allclose(stats["mean"].double(), x.double().mean((0, 2, 3)), atol=1e-6)
+
+
+def test_unsigned_labels_and_a_bounded_number_of_open_files(tmp_path, monkeypatch):
+    from ucgm_fast import latent_shards
+
+    g = torch.Generator().manual_seed(0)
+    xs = []
+    for k in range(12):
+        x = torch.randn(2, 1, 2, 2, generator=g)
+        st.save_file({"latents": x, "labels": torch.tensor([k % 3, 1], dtype=torch.uint16)},
+                     str(tmp_path / f"s{k:02d}.safetensors"))
+        xs.append(x)
+    monkeypatch.setattr(latent_shards, "OPEN_SHARDS", 3)
+    fds = len(os.listdir("/proc/self/fd"))
+    data = LatentShards(str(tmp_path))
+    assert data.labels.tolist()[:4] == [0, 1, 1, 1] and data.variants == 1
+    for i in range(len(data)):
+        assert torch.equal(data[i][0], xs[i // 2][i % 2])
+    assert len(os.listdir("/proc/self/fd")) <= fds + 3  # not one per shard (ImageNet-21k: ~1400 shards)
+
+
+def test_a_resumed_run_on_a_shard_folder_is_bit_exact(tmp_path):
+    import yaml
+    from ucgm_fast import checkpoint as ck
+    from ucgm_fast.train import train
+
+    write_shards(tmp_path / "lat", sizes=(12, 9), shape=(2, 4, 4))
+    cfg = {"data": {"name": "latents", "data_path": str(tmp_path / "lat"), "num_classes": 4, "image_size": 4},
+           "model": {"type": "DiT-S/2", "options": {"depth": 1, "hidden_size": 16, "num_heads": 2}},
+           "train": {"max_steps": 4, "global_batch_size": 8, "ckpt_every": 2, "grid_size": 4, "threads": 1,
+                     "progress": False, "keep_last": 5},
+           "transport": {"enhanced_ratio": 0.5}, "sample": {"sampling_steps": 1}}
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(dict(cfg, output_dir=str(tmp_path / name))))
+    train(load_config(str(tmp_path / "a.yaml")))
+    b = load_config(str(tmp_path / "b.yaml"), ["train.max_steps=2"])
+    train(b)
+    train(load_config(str(tmp_path / "b.yaml")), resume="")
+    final = [ck.load_checkpoint(str(tmp_path / n / "checkpoints" / "0000004.pt")) for n in ("a", "b")]
+    for key in ("model", "ema"):
+        for k, v in final[0][key].items():
+            assert torch.equal(v, final[1][key][k]), (key, k)

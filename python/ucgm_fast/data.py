@@ -453,6 +453,9 @@ class InfiniteLoader:
                 self._it = iter(torch.utils.data.DataLoader(
                     self.dataset, batch_sampler=_IndexSampler(self.plan, self.step, getattr(self.dataset, "variants", 1)),
                     num_workers=self.num_workers,
+                    # Its own generator: the DataLoader draws a seed when iteration starts, which would
+                    # otherwise come from (and shift) the global one, so a resumed run would draw differently.
+                    generator=torch.Generator().manual_seed(self.plan.seed),
                     persistent_workers=self.num_workers > 0))
             x, y = next(self._it)[:2]
         self.step += 1

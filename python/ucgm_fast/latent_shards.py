@@ -6,7 +6,8 @@ extraction (its ``ImgLatentDataset``): shards holding ``latents`` (N, C, H, W), 
 ``latents_stats.pt`` ({"mean", "std"}, shaped (1, C, 1, 1)). ImageNet's latents are tens of GB, so
 they stay on disk: each shard's arrays are memory-mapped (the OS pages rows in as they are read)
 and only the labels are held in memory. Nothing here needs the ``safetensors`` package: the format
-is an 8-byte header length, a JSON table of (dtype, shape, byte range) and the raw arrays.
+is an 8-byte header length, a JSON table of (dtype, shape, byte range) and the raw little-endian
+arrays. At most :data:`OPEN_SHARDS` shards stay mapped at once (each map holds a file descriptor).
 
 As published, every draw of an item takes the plain or the flipped latents at random; here the
 choice is part of the loader's batch plan (a function of the seed and step), so a resumed run
@@ -28,9 +29,13 @@ STATS_FILE = "latents_stats.pt"
 #: Items the statistics are computed over when there is no cache (as published: at most 10000).
 STATS_ITEMS = 10000
 
-# safetensors dtype names -> numpy dtypes (bfloat16 is read as its 16 raw bits).
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
-           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8}
+#: Shard files kept memory-mapped at once (least recently read unmapped first).
+OPEN_SHARDS = 32
+
+# safetensors dtype names -> little-endian numpy dtypes (bfloat16 is read as its 16 raw bits).
+_DTYPES = {name: np.dtype(code) for name, code in {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}.items()}
 
 
 def read_safetensors_table(path: str) -> Dict[str, Tuple[str, tuple, int]]:
@@ -45,29 +50,40 @@ def read_safetensors_table(path: str) -> Dict[str, Tuple[str, tuple, int]]:
             table = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"latents: {path} is not a safetensors file ({err})") from None
-    out = {}
+    if not isinstance(table, dict):
+        raise ValueError(f"latents: {path} is not a safetensors file (its header is not a table)")
+    out, ranges = {}, []
     for name, entry in table.items():
         if name == "__metadata__":
             continue
-        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        if dtype in _DTYPES:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
-            if end - begin != nbytes or 8 + n + end > size:
-                raise ValueError(f"latents: {path}: array {name!r} ({dtype}, {list(shape)}) is truncated or "
-                                 "inconsistent with its byte range")
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+            ok = isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end and 8 + n + end <= size
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if ok and dtype in _DTYPES:
+            ok = end - begin == int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+        if not ok:
+            raise ValueError(f"latents: {path}: array {name!r} is truncated or its entry is inconsistent "
+                             f"({entry!r})")
         out[name] = (dtype, shape, 8 + n + begin)
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end, a), (begin, _, b) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise ValueError(f"latents: {path}: arrays {a!r} and {b!r} overlap")
     return out
 
 
-def _array(path: str, entry) -> np.ndarray:
+def _read_all(path: str, entry) -> np.ndarray:
+    """A whole array, read (not mapped: no file descriptor stays open)."""
     dtype, shape, offset = entry
-    if int(np.prod(shape, dtype=np.int64)) == 0:
-        return np.zeros(shape, _DTYPES[dtype])
-    return np.memmap(path, dtype=_DTYPES[dtype], mode="r", offset=offset, shape=shape)
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.fromfile(path, dtype=_DTYPES[dtype], count=count, offset=offset).reshape(shape)
 
 
-def _as_float(rows: np.ndarray, dtype: str) -> torch.Tensor:
-    t = torch.from_numpy(np.array(rows))  # a copy: memory maps are read-only
+def _as_float(row: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(row)
     return (t.view(torch.bfloat16) if dtype == "BF16" else t).float()
 
 
@@ -112,8 +128,9 @@ class LatentShards(torch.utils.data.Dataset):
                                  f"{list(item_shape)}")
             item_shape = shape[1:]
             y_dtype = table["labels"][0]
-            y = _array(path, table["labels"]) if y_dtype in _DTYPES else None
-            if y is None or y.shape != shape[:1] or not np.issubdtype(y.dtype, np.integer):
+            integer = y_dtype in _DTYPES and np.issubdtype(_DTYPES[y_dtype], np.integer)
+            y = _read_all(path, table["labels"]) if integer else None
+            if y is None or y.shape != shape[:1]:
                 raise ValueError(f"latents: {path}: 'labels' must be {shape[0]} integers, got "
                                  f"{y_dtype} {list(table['labels'][1])}")
             flip_entry = table.get("latents_flip")
@@ -131,7 +148,7 @@ class LatentShards(torch.utils.data.Dataset):
         self.variants = 2 if flip and has_flip else 1
         self._starts = np.cumsum([0] + counts)
         self._rows = None  # a subset's rows of the whole folder (None: all)
-        self._maps: Dict[Tuple[int, str], np.ndarray] = {}
+        self._maps: Dict[int, np.memmap] = {}  # shard -> its whole file, most recently read last
         self.set_scaling(torch.zeros(self.item_shape[0]), torch.ones(self.item_shape[0]), 1.0)
 
     # Memory maps stay out of pickles (DataLoader workers open their own).
@@ -154,11 +171,17 @@ class LatentShards(torch.utils.data.Dataset):
         """Item ``index``'s latents as stored (float32, unscaled); variant 1: the flipped image's."""
         row = int(self._rows[index]) if self._rows is not None else int(index)
         shard = int(np.searchsorted(self._starts, row, side="right")) - 1
-        key = "latents_flip" if variant else "latents"
-        arr = self._maps.get((shard, key))
-        if arr is None:
-            arr = self._maps[(shard, key)] = _array(self.files[shard], self._tables[shard][key])
-        return _as_float(arr[row - self._starts[shard]], self._tables[shard][key][0])
+        dtype, shape, offset = self._tables[shard]["latents_flip" if variant else "latents"]
+        data = self._maps.pop(shard, None)
+        if data is None:
+            data = np.memmap(self.files[shard], dtype=np.uint8, mode="r")
+        self._maps[shard] = data
+        if len(self._maps) > OPEN_SHARDS:
+            del self._maps[next(iter(self._maps))]
+        nbytes = int(np.prod(shape[1:], dtype=np.int64)) * _DTYPES[dtype].itemsize
+        start = offset + (row - int(self._starts[shard])) * nbytes
+        item = np.array(data[start:start + nbytes]).view(_DTYPES[dtype]).reshape(shape[1:])  # a copy
+        return _as_float(item, dtype)
 
     def __getitem__(self, i: int):
         n = len(self)
