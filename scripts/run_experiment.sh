@@ -21,7 +21,7 @@ fs_ckpt=$(ls "$fs"/checkpoints/*.pt | sort | tail -1)
 {
   echo "multi-step training: $((t1 - t0)) s wall ($ms_ckpt); few-step tuning: $((t2 - t1)) s wall ($fs_ckpt)"
   # FD of 1000 samples moves by ~10% between sample sets: each figure is the mean of $REPEATS sets (default 6).
-  echo "== multi-step model, 30 steps, order 2 (Heun: 15 grid points, 29 model calls)"
+  echo "== multi-step model, 30 steps, order 2 (Heun: 15 steps on 16 grid points, 29 model calls)"
   $ev --ckpt "$ms_ckpt" --steps 30 --order 2 --grid "$runs/${name}_ms30.png"
   echo "== multi-step model, 30 steps, order 1 (Euler)"; $ev --ckpt "$ms_ckpt" --steps 30 --order 1
   echo "== multi-step model, 30 steps, order 1, extrapol_ratio 0.5"

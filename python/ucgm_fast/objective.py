@@ -1,5 +1,5 @@
 """The UCGM training objective: one object trains multi-step (lambda = 0), few-step (lambda = 1)
-and everything between (DESIGN.md, "Training objective").
+and everything between, as published (Sun, Jiang, Lin 2025; LINs-lab/UCGM), formulas in :class:`UCGM`.
 
     ucgm = UCGM(transport="Linear", consistency_ratio=1.0, enhanced_ratio=2.0, ...)
     for x, y in loader:

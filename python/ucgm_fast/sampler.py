@@ -1,6 +1,6 @@
 """``ucgm_fast.sample``: the unified UCGM sampler with fused steps and optional CUDA-graph replay.
 
-Semantics: DESIGN.md, "Sampler" (the published ``uni_sample`` of LINs-lab/UCGM, quirks included):
+Semantics: the published ``uni_sample`` of LINs-lab/UCGM, quirks included:
 a Kumaraswamy-mapped time grid, decode, extrapolation from step index 2 against the previous raw
 estimates, stochastic mixing, an optional order-2 (Heun) correction, "auto" kappa fixed at the first
 step, and the last raw x_hat as the sample. Each step is one fused kernel (``sampler_step``), the
@@ -346,7 +346,7 @@ def sample(model, noise, transport="Linear", steps=2, order=1, stochast_ratio=1.
     Each step: (x_hat, z_hat) = decode(model(x, t, y)) at t; from step index 2 on,
     x_hat += e (x_hat - previous raw x_hat) (z_hat likewise); x <- gamma_in(t') x_hat +
     alpha_in(t') (sqrt(1 - kappa) z_hat + sqrt(kappa) eps), eps ~ Philox(seed, step). Order 2 adds a
-    Heun correction with a second model call at t' (every step but the last). See DESIGN.md, "Sampler".
+    Heun correction with a second model call at t' (every step but the last).
 
     Parameters
     ----------
@@ -357,7 +357,7 @@ def sample(model, noise, transport="Linear", steps=2, order=1, stochast_ratio=1.
         Initial noise (B, ...); its dtype is the dtype the model is fed.
     transport : str or Transport
     steps : int
-        Number of steps, >= 1 (order 2 uses (steps + 1) // 2 grid points, two model calls each).
+        Number of steps, >= 1 (order 2 takes (steps + 1) // 2 steps; each but the last makes two model calls).
     order : {1, 2}
     stochast_ratio : float or "auto"
         kappa in [0, 1]; "auto" computes it at the first step and keeps it (as published).

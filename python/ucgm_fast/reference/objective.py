@@ -1,4 +1,4 @@
-"""Eager reference of the training objective (DESIGN.md, "Training objective").
+"""Eager reference of the training objective (the published ``UCGMTS`` of LINs-lab/UCGM).
 
 Two layers:
 
@@ -7,7 +7,7 @@ Two layers:
 * :func:`training_loss`, the whole loss of one training step written step by step in the order of
   the published ``UCGMTS.training_step`` (boolean-mask updates, decode, enhance, finite
   difference, loss) -- the equivalence oracle of :meth:`ucgm_fast.UCGM.loss`. It differs from the
-  published code only where DESIGN.md says so: round(p B) = 0 drops no label, the caller's x, z
+  published code only by design: round(p B) = 0 drops no label (the published code then drops all), the caller's x, z
   and labels are not modified in place (the in-place effect -- the finite-difference passes see
   the enhanced x, z -- is reproduced explicitly), and no CUDA RNG state is replayed (models must be
   deterministic).

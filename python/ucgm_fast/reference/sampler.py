@@ -1,6 +1,6 @@
 """Eager reference of the sampler: time grid, Philox noise, one step, the order-2 correction, the loop.
 
-Written from the published sampler (DESIGN.md, "Sampler"; ``uni_sample`` in LINs-lab/UCGM
+Written from the published sampler (``uni_sample`` in LINs-lab/UCGM
 ``methods/unigen.py``) with plain PyTorch ops. :func:`sample` in float64 is the oracle the fused
 sampler is tested against; :func:`philox_noise` reproduces the kernels' noise bit for bit with
 integer and correctly rounded float32 tensor ops.
