@@ -233,3 +233,21 @@ def test_cuda_uses_sdpa_and_matches_cpu():
     torch.testing.assert_close(cuda(x.cuda(), t.cuda(), y.cuda()).cpu(), ref, rtol=1e-3, atol=1e-4)
     compiled = torch.compile(cuda, fullgraph=True)
     torch.testing.assert_close(compiled(x.cuda(), t.cuda(), y.cuda()).cpu(), ref, rtol=1e-3, atol=1e-4)
+
+
+def test_tit_names_and_rmsnorm_in_float32():
+    tit = get_model("TiT-S/2", input_size=8, in_channels=1, num_classes=10, **TINY)
+    dit = get_model("DiT-S/2", input_size=8, in_channels=1, num_classes=10, **TINY, **TIT)
+    assert [type(m) for m in tit.modules()] == [type(m) for m in dit.modules()]
+    assert get_model("TiT-S/2", input_size=8, in_channels=1, num_classes=10, use_rope=False, **TINY).rope is None
+    with pytest.raises(ValueError, match="TiT"):
+        get_model("TiT-Q/2")
+    # 16-bit inputs are normalised in float32 (as TiT's RMSNorm), then returned in their dtype.
+    x = torch.randn(4, 7, 64, dtype=torch.float64) * 30
+    norm = dit_module.RMSNorm()
+    expected = (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    got = norm(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, (x.to(torch.bfloat16).float() * torch.rsqrt(
+        x.to(torch.bfloat16).float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16))
+    assert (got.double() - expected.double()).abs().max() <= 0.02

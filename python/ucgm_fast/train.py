@@ -41,16 +41,14 @@ __all__ = ["main", "train", "build_model", "build_dataset", "model_config", "che
 #                                    Builders (model, data, objective)
 # ---------------------------------------------------------------------------------------------
 
-# Published TiT recipes: a DiT with parameter-free RMSNorm, QK-norm, SwiGLU and 2-D RoPE.
-_TIT_OPTIONS = {"use_rmsnorm": True, "qk_norm": True, "use_swiglu": True, "use_rope": True}
-
-
 def model_config(cfg: Dict[str, Any], in_channels: int) -> Dict[str, Any]:
     """What identifies the architecture: registry name, sizes and options (stored in checkpoints)."""
     name = cfg["model"]["type"]
     options = dict(cfg["model"]["options"] or {})
-    if isinstance(name, str) and name.startswith("TiT-"):
-        name, options = "DiT-" + name[4:], {**_TIT_OPTIONS, **options}
+    if isinstance(name, str) and name.startswith("TiT-"):  # stored as the DiT it is (get_model's rule)
+        from .models import TIT_OPTIONS
+
+        name, options = "DiT-" + name[4:], {**TIT_OPTIONS, **options}
     return {"type": name, "input_size": latent_size(cfg), "in_channels": int(in_channels),
             "num_classes": int(cfg["data"]["num_classes"]), "options": options}
 

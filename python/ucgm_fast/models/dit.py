@@ -43,14 +43,15 @@ def modulate(x, shift, scale):
 
 
 class RMSNorm(nn.Module):
-    """Parameter-free RMSNorm: x / sqrt(mean(x^2, last dim) + eps)."""
+    """Parameter-free RMSNorm: x / sqrt(mean(x^2, last dim) + eps), computed in float32 (as TiT's)."""
 
     def __init__(self, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = x.float()  # 16-bit q / k under autocast: the mean of squares in float32
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
 
 def make_norm(dim: int, use_rmsnorm: bool) -> nn.Module:
@@ -165,6 +166,8 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.attention = attention
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        # Parameter-free RMSNorm whatever the block norm (TiT pairs QK-norm with RMSNorm; LightningDiT's
+        # QK-norm without RMSNorm would be a learnable LayerNorm, which no shipped recipe uses).
         self.q_norm = RMSNorm() if qk_norm else nn.Identity()
         self.k_norm = RMSNorm() if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
@@ -455,6 +458,10 @@ DiT_models = {
     'DiT-S/1':  DiT_S_1,   'DiT-S/2':  DiT_S_2,   'DiT-S/4':  DiT_S_4,   'DiT-S/8':  DiT_S_8,
 }
 
+#: The published TiT models: a DiT with parameter-free RMSNorm, QK-norm, SwiGLU and 2-D RoPE
+#: (``get_model("TiT-XL/2")`` = DiT-XL/2 with these options).
+TIT_OPTIONS = {"use_rmsnorm": True, "qk_norm": True, "use_swiglu": True, "use_rope": True}
+
 #: Constructor options that get_model accepts besides input_size / in_channels / num_classes.
 MODEL_OPTIONS = ("mlp_ratio", "use_rmsnorm", "qk_norm", "use_swiglu", "use_rope", "attention", "time_scale",
                  "depth", "hidden_size", "num_heads")
@@ -466,7 +473,8 @@ def get_model(name: str, input_size: int = 32, in_channels: int = 4, num_classes
     Parameters
     ----------
     name : str
-        A registry name, e.g. ``"DiT-S/2"`` (see ``DiT_models``).
+        A registry name, e.g. ``"DiT-S/2"`` (see ``DiT_models``), or ``"TiT-*"``: the same size with
+        :data:`TIT_OPTIONS` (options given here win).
     input_size, in_channels, num_classes : int
         Image side, channels and the number of real classes (label ``num_classes`` is the null class).
     **options
@@ -474,8 +482,10 @@ def get_model(name: str, input_size: int = 32, in_channels: int = 4, num_classes
         ("auto", "sdpa", "math"); ``time_scale``; ``mlp_ratio``; and ``depth``, ``hidden_size``,
         ``num_heads`` to shrink a config (tests, tiny runs).
     """
+    if isinstance(name, str) and name.startswith("TiT-"):
+        name, options = "DiT-" + name[4:], {**TIT_OPTIONS, **options}
     if name not in DiT_models:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(DiT_models)}")
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(DiT_models)} (and TiT-* of each)")
     unknown = sorted(set(options) - set(MODEL_OPTIONS))
     if unknown:
         raise TypeError(f"get_model: unknown option(s) {', '.join(unknown)}; valid options: "
