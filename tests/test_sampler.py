@@ -282,6 +282,11 @@ def test_bad_input():
         ucgm_fast.sample(model, noise_like((3, 4, 6)))
     with pytest.raises(ValueError, match="shaped like its input"):
         ucgm_fast.sample(lambda x, t: x[:, :2], noise)
+    # The kernels read the output's pointer: another device (here meta, data_ptr 0) or an integer
+    # dtype must be an error, not a crash.
+    for bad in (lambda x, t: x.to("meta"), lambda x, t: x.to(torch.int32)):
+        with pytest.raises(ValueError, match="floating tensor on the input's device"):
+            ucgm_fast.sample(bad, noise)
     with pytest.raises(ValueError, match="num_classes"):
         ucgm_fast.sample(lambda x, t, y: x, noise, cfg_scale=2.0, y=torch.tensor([1, 2, 3]))
     with pytest.raises(TypeError, match="noise"):

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from ._kernels import eager_fast_path
+from ._validate import FLOAT_DTYPES
 from .ops import sampler as fused
 from .reference import sampler as reference
 from .transports import get_transport
@@ -249,6 +250,9 @@ def _run(plan: _Plan, noise: torch.Tensor, sched: torch.Tensor, t_model: torch.T
         if not isinstance(out, torch.Tensor) or out.shape != xin.shape:
             raise ValueError(f"sample: the model returned {tuple(getattr(out, 'shape', ()))} for input "
                              f"{tuple(xin.shape)}; it must return a tensor shaped like its input")
+        if out.device != xin.device or out.dtype not in FLOAT_DTYPES:  # the kernels read its pointer
+            raise ValueError(f"sample: the model returned a {out.dtype} tensor on {out.device} for input on "
+                             f"{xin.device}; it must return a floating tensor on the input's device")
         if plan.cfg:
             cond, uncond = out.chunk(2)
             out = uncond + weight[i].to(out.dtype) * (cond - uncond)
@@ -318,7 +322,9 @@ class _Captured:
         # so a graph that read them would replay from freed memory: it must make its own.
         torch.clear_autocast_cache()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # Captured on a stream of the noise's device: torch.cuda.graph's default capture stream
+        # belongs to whichever device was current at the process's first capture.
+        with torch.cuda.graph(self.graph, stream=side):
             self.out = _run(*args)
 
     def replay(self, plan: _Plan):
@@ -394,10 +400,11 @@ def sample(model, noise, transport="Linear", steps=2, order=1, stochast_ratio=1.
                  rfba_gap_steps, cfg_scale, cfg_interval, seed, state_dtype, return_trajectory, cuda_graph, y)
     if not cuda_graph:
         return _run(plan, plan.noise, plan.sched, plan.t_model, plan.weight, plan.seed, plan.y)
-    captured = _GRAPHS.pop(plan.key, None)
-    if captured is None:
-        captured = _Captured(plan)
-    _GRAPHS[plan.key] = captured
-    while len(_GRAPHS) > GRAPH_CACHE_SIZE:
-        _GRAPHS.popitem(last=False)
-    return captured.replay(plan)
+    with torch.cuda.device(plan.noise.device):  # capture and replay on the noise's device (cuda:1 too)
+        captured = _GRAPHS.pop(plan.key, None)
+        if captured is None:
+            captured = _Captured(plan)
+        _GRAPHS[plan.key] = captured
+        while len(_GRAPHS) > GRAPH_CACHE_SIZE:
+            _GRAPHS.popitem(last=False)
+        return captured.replay(plan)
