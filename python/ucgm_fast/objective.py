@@ -19,8 +19,9 @@ Target network (used only when enhanced_ratio != 0), per ``target_ema_decay`` = 
 
 The target network, d and the update count are in :meth:`state_dict`, so a resumed run continues
 the same EMA (and the same frozen copy). All the work between model calls runs in fused kernels
-that never synchronize with the host, so a step can be captured in a CUDA graph (after a warm-up
-call has created the target network).
+that never synchronize with the host, so the loss (model calls included) can be captured in a CUDA
+graph (after a warm-up call has created the target network). :meth:`update_target` stays outside the
+graph: its decay d changes every step and is passed from the host.
 """
 from __future__ import annotations
 

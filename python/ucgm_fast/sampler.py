@@ -76,7 +76,7 @@ def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
 
 def _tables(steps, order, tr, time_dist, gaps, kappa, e, scale, interval, batch, t_dtype, dev):
     """(sched (K, 4) float64: t, t', kappa, e; t_model (K + 1, batch), weight (K + 1,) in t_dtype) on dev,
-    followed on CUDA by the event that marks their copies done.
+    followed on CUDA by the event that marks their copies done and the stream that made them.
 
     Built once per setting (built-in transports; a custom one is not a stable key) and shared by
     every call with it: they are only read, by the loop and when a captured graph's copies are filled.
@@ -108,9 +108,10 @@ def _tables(steps, order, tr, time_dist, gaps, kappa, e, scale, interval, batch,
     weight = torch.ones_like(grid).masked_fill_((grid >= lo) & (grid <= hi), scale).to(t_dtype)
     tables = tuple(_to_device(v, dev) for v in (sched, t_model, weight))
     if dev.type == "cuda":  # the copies are asynchronous: a call on another stream waits for them
+        stream = torch.cuda.current_stream(dev)
         ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(dev))
-        tables += (ready,)
+        ready.record(stream)
+        tables += (ready, stream)
     if tr.id is not None:
         _TABLES[key] = tables
         while len(_TABLES) > TABLE_CACHE_SIZE:
@@ -190,11 +191,16 @@ class _Plan:
         batch = noise.shape[0] * (2 if self.cfg else 1)
         t_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
         dev = noise.device
-        self.sched, self.t_model, self.weight, *ready = _tables(
+        self.sched, self.t_model, self.weight, *copied = _tables(
             int(steps), order, tr, (a, b, c), (g0, g1), "auto" if self.auto else kappa, e, scale, (lo, hi), batch,
             t_dtype, dev)
-        if ready:
-            torch.cuda.current_stream(dev).wait_event(ready[0])
+        if copied:
+            ready, made_on = copied
+            stream = torch.cuda.current_stream(dev)
+            stream.wait_event(ready)
+            if stream != made_on:  # freed (evicted) while this stream may still read them: tell the allocator
+                for t in (self.sched, self.t_model, self.weight):
+                    t.record_stream(stream)
         self.iters = self.sched.shape[0]
         self.seed = _to_device(self.seed, dev)
         # A captured graph holds the kernels the model launched, so an autocast region around the call
