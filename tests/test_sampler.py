@@ -234,6 +234,18 @@ def test_step_tables_cached_per_setting():
     assert not ucgm_fast.sampler._TABLES
 
 
+def test_seed_as_a_tensor():
+    model, noise = GaussianDenoiser("Linear"), noise_like()
+    kw = dict(steps=3, stochast_ratio=0.7)
+    expected = ucgm_fast.sample(model, noise, "Linear", seed=12345, **kw)
+    assert torch.equal(ucgm_fast.sample(model, noise, "Linear", seed=torch.tensor(12345), **kw), expected)
+    if torch.cuda.is_available():  # stays on the device (no read-back), same noise
+        cuda_model = GaussianDenoiserCuda("Linear")
+        a = ucgm_fast.sample(cuda_model, noise.cuda(), "Linear", seed=12345, **kw)
+        b = ucgm_fast.sample(cuda_model, noise.cuda(), "Linear", seed=torch.tensor(12345, device="cuda"), **kw)
+        assert torch.equal(a, b)
+
+
 def test_models_get_their_own_times():
     # A model that rescales t in place must not reach the cached per-step tables (nor later calls).
     class InPlace(GaussianDenoiser):

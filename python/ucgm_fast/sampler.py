@@ -69,8 +69,10 @@ _TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
 def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    if dev.type == "cpu":
+    if t.device == dev:
         return t
+    if t.device.type != "cpu" or dev.type == "cpu":
+        return t.to(dev)
     return t.pin_memory().to(dev, non_blocking=True)
 
 
@@ -163,7 +165,8 @@ class _Plan:
             raise ValueError(f"{op}: cfg_interval must be (lo, hi) with lo <= hi, got {(lo, hi)}")
         if state_dtype not in fused.STATE_DTYPES:
             raise TypeError(f"{op}: state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
-        self.seed = fused.make_seed(op, seed, torch.device("cpu"))
+        # A seed tensor stays where it is (a CUDA one is not read back by the host).
+        self.seed = fused.make_seed(op, seed, seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu"))
         tr = get_transport(transport)
         # Guidance: off at scale 0, and at scale 1 (uncond + 1 (cond - uncond) = cond, one half suffices).
         self.cfg = scale not in (0.0, 1.0)
