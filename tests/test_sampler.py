@@ -234,7 +234,7 @@ def test_step_tables_cached_per_setting():
     assert not ucgm_fast.sampler._TABLES
 
 
-def test_seed_as_a_tensor():
+def test_seed_as_a_tensor_on_cpu_and_cuda():
     model, noise = GaussianDenoiser("Linear"), noise_like()
     kw = dict(steps=3, stochast_ratio=0.7)
     expected = ucgm_fast.sample(model, noise, "Linear", seed=12345, **kw)
