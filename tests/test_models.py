@@ -251,3 +251,4 @@ def test_tit_names_and_rmsnorm_in_float32():
     assert torch.equal(got, (x.to(torch.bfloat16).float() * torch.rsqrt(
         x.to(torch.bfloat16).float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16))
     assert (got.double() - expected.double()).abs().max() <= 0.02
+    assert torch.allclose(norm(x), x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6), rtol=1e-14)  # float64 stays

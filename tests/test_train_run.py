@@ -250,11 +250,44 @@ def test_sampler_flags_are_checked_before_sampling(trained_checkpoint, tmp_path,
 def test_config_checks_sampler_and_optimizer_settings():
     for override, message in (("sample.cfg_scale=-1", "cfg_scale"), ("sample.time_dist_ctrl=[0,1,1]", "time_dist"),
                               ("sample.cfg_interval=[0.9,0.1]", "cfg_interval"),
-                              ("optimizer.beta1=1.5", "optimizer.beta1"), ("optimizer.eps=-1", "optimizer.eps")):
+                              ("optimizer.beta1=1.5", "optimizer.beta1"), ("optimizer.eps=-1", "optimizer.eps"),
+                              ("optimizer.eps=null", "optimizer.eps"), ("optimizer.beta2=null", "optimizer.beta2")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, [override])
     with pytest.raises(ConfigError, match="gamma_in"):  # order 2 from the noise end (Linear): NaN samples
         load_config(None, ["sample.sampling_order=2", "sample.rfba_gap_steps=[0.0, 0.1]"])
+
+
+def test_a_symlinked_source_file_and_a_refused_launch_keep_the_checkpoints(tmp_path):
+    cfg = load_config(tiny_config(tmp_path), ["train.max_steps=3", "train.ckpt_every=3"])
+    train(cfg)
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(os.path.join(cfg["output_dir"], "checkpoints", "0000003.pt"), models / "pretrained.pt")
+    ckdir = tmp_path / "tune" / "checkpoints"
+    ckdir.mkdir(parents=True)
+    os.symlink(models / "pretrained.pt", ckdir / "0000000.pt")  # published layout, source kept elsewhere
+    tune = ["train.ckpt=0000000.pt", "train.max_steps=2", "train.ckpt_every=2", "train.keep_last=1"]
+    for _ in range(2):  # a second fresh launch still finds its source
+        train(load_config(tiny_config(tmp_path, "tune"), tune))
+        assert os.path.islink(ckdir / "0000000.pt")
+    # A launch refused before it trains leaves the earlier run's checkpoints where they are.
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        train(load_config(tiny_config(tmp_path, "tune"), tune + ["train.global_batch_size=100000"]))
+    assert sorted(p for p in os.listdir(ckdir) if p.endswith(".pt")) == ["0000000.pt", "0000002.pt"]
+
+
+def test_resume_without_config_when_the_runs_config_no_longer_validates(tmp_path):
+    cfg = load_config(tiny_config(tmp_path), ["train.max_steps=2", "train.ckpt_every=2"])
+    train(cfg)
+    saved = os.path.join(cfg["output_dir"], "config.yaml")
+    with open(saved, encoding="utf-8") as f:
+        text = f.read()
+    with open(saved, "w", encoding="utf-8") as f:  # e.g. written before a check existed
+        f.write(text.replace("cfg_interval: [0.0, 0.75]", "cfg_interval: [0.9, 0.1]"))
+    with pytest.raises(ConfigError, match="cfg_interval"):
+        load_config(saved)
+    assert train_main(["--resume", cfg["output_dir"], "train.max_steps=3"]) == 0
 
 
 def test_source_checkpoint_among_the_runs_own(tmp_path, capsys):

@@ -17,7 +17,8 @@ from typing import Any, Dict, Iterable, Optional
 import yaml
 
 __all__ = ["DEFAULTS", "ConfigError", "default_config", "load_config", "apply_overrides", "merge_config",
-           "validate_config", "dump_config", "latent_size", "run_dir"]
+           "validate_config", "dump_config", "latent_size", "run_dir", "read_yaml", "sampler_settings",
+           "check_sampler_settings"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -29,7 +30,8 @@ _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
-def _yaml(text_or_file) -> Any:
+def read_yaml(text_or_file) -> Any:
+    """YAML as configs are read (``1e-4`` is a number, as YAML 1.2 has it), without any checks."""
     return yaml.load(text_or_file, Loader=_Loader)
 
 
@@ -224,7 +226,7 @@ def _flat_keys(d: Dict[str, Any], prefix: str = "") -> Iterable[str]:
 def _parse_value(text: str) -> Any:
     # YAML scalars: numbers, booleans, null, [lists]; anything else stays a string.
     try:
-        return _yaml(text) if text != "" else ""
+        return read_yaml(text) if text != "" else ""
     except yaml.YAMLError:
         return text
 
@@ -259,7 +261,7 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Di
             raise ConfigError(f"config file {path!r} does not exist")
         with open(path, "r", encoding="utf-8") as f:
             try:
-                data = _yaml(f) or {}
+                data = read_yaml(f) or {}
             except yaml.YAMLError as err:
                 raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
@@ -341,10 +343,10 @@ def validate_config(cfg: Dict[str, Any]) -> None:
                           f"'vae.downsample_ratio' ({cfg['vae']['downsample_ratio']})")
     opt = cfg["optimizer"]
     for key in ("beta1", "beta2"):
-        if not 0.0 <= opt[key] < 1.0:
+        if opt[key] is None or not 0.0 <= opt[key] < 1.0:
             raise ConfigError(f"config key 'optimizer.{key}' must be in [0, 1), got {opt[key]!r}")
     for key in ("lr", "eps", "weight_decay"):
-        if opt[key] < 0:
+        if opt[key] is None or opt[key] < 0:
             raise ConfigError(f"config key 'optimizer.{key}' must be >= 0, got {opt[key]!r}")
     if cfg["optimizer"]["max_grad_norm"] is not None and cfg["optimizer"]["max_grad_norm"] <= 0:
         raise ConfigError("config key 'optimizer.max_grad_norm' must be > 0 or null")

@@ -28,8 +28,8 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
 from .data import InfiniteLoader
-from .config import (ConfigError, apply_overrides, dump_config, latent_size, load_config, merge_config, run_dir,
-                     sampler_settings, validate_config)
+from .config import (ConfigError, apply_overrides, dump_config, latent_size, load_config, merge_config, read_yaml,
+                     run_dir, sampler_settings, validate_config)
 from .optim import EMA, FlatGrads, ema_init, load_optimizer_state, lr_at, make_optimizer
 from .plots import save_grid, save_loss_curve, to_display
 
@@ -308,7 +308,10 @@ def _source_in(cfg: Dict[str, Any], ckdir: str) -> list:
     That file is never resumed from (it is not this run's state) nor pruned (it is the user's model).
     """
     src = _init_source(cfg, ckdir, must_exist=False)
-    return [src] if src and os.path.dirname(os.path.realpath(src)) == os.path.realpath(ckdir) else []
+    # The folders' real paths (a symlinked run folder is the same folder), not the file's: the
+    # source may be a symlink placed in checkpoints/ that points elsewhere.
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(src))) if src else None
+    return [src] if folder == os.path.realpath(ckdir) else []
 
 
 def _init_source(cfg: Dict[str, Any], ckdir: str, must_exist: bool = True) -> Optional[str]:
@@ -401,8 +404,6 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
         _load_optimizer(opt, payload, cfg, resume_path, warn)
         objective.load_state_dict(_to_device(payload["objective"], device))
         step = int(payload["step"])
-        if main_proc:
-            _set_aside_later(ckdir, step, warn, exclude=src_in_ckdir)
         rngs = payload.get("rng") or []
         if len(rngs) == world:
             _set_rng_state(rngs[rank], device)
@@ -425,8 +426,6 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
             warn(f"initialised from {src} (step {init['step']}; {tcfg['init_weights']} weights)")
         else:
             ema_init(ema, model)
-        if main_proc:
-            _set_aside_later(ckdir, -1, warn, exclude=src_in_ckdir)
 
     train_model = model
     if world > 1:
@@ -471,10 +470,15 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
     loss_sum = torch.zeros((), device=device)
     n_loss, t_log, last_loss = 0, time.perf_counter(), float("nan")
     saved_step = step if payload is not None else -1
+    # Checkpoints past the resumed step (all of them in a fresh run: an earlier run's) are moved
+    # aside at the first save, once the run is under way: a launch that fails before it leaves them.
+    set_aside = [step if payload is not None else -1]
 
     def save(at_step: int):
         rngs = _all_gather(_rng_state(device), world)
         if main_proc:
+            if set_aside:
+                _set_aside_later(ckdir, set_aside.pop(), warn, exclude=src_in_ckdir)
             path = ckpt_io.checkpoint_path(ckdir, at_step)
             ckpt_io.save_checkpoint({
                 "step": at_step, "model": model.state_dict(), "ema": ema.state_dict(),
@@ -605,7 +609,12 @@ def _source_of_run(path: str) -> list:
     saved = os.path.join(run, "config.yaml")
     if not os.path.isdir(path) or not os.path.isfile(saved):
         return []
-    return _source_in(load_config(saved), os.path.join(run, "checkpoints"))
+    # Only the two keys that name the source: the rest need not pass today's checks (the command
+    # line's overrides may be what fixes them).
+    with open(saved, encoding="utf-8") as f:
+        section = (read_yaml(f) or {}).get("train") or {}
+    keys = {"init_from": section.get("init_from"), "ckpt": section.get("ckpt")}
+    return _source_in({"train": keys}, os.path.join(run, "checkpoints"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -50,7 +50,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        xf = x.float()  # 16-bit q / k under autocast: the mean of squares in float32
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # 16-bit q / k under autocast: in float32
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
 
