@@ -17,7 +17,8 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
-           "load_latest_valid", "prune_checkpoints", "checkpoint_path", "checkpoint_step", "is_checkpoint_name"]
+           "load_latest_valid", "prune_checkpoints", "checkpoint_path", "checkpoint_step", "is_checkpoint_name",
+           "has_trailer"]
 
 _MAGIC = b"UCGMCKPT"
 _TRAILER = len(_MAGIC) + 32
@@ -115,6 +116,17 @@ def verify_checkpoint(path: str) -> int:
     if _hash_file(path, size - _TRAILER) != trailer[len(_MAGIC):]:
         raise CheckpointError(f"checkpoint {path!r} is corrupted (SHA-256 mismatch)")
     return size - _TRAILER
+
+
+def has_trailer(path: str) -> bool:
+    """Whether the file ends with save_checkpoint's integrity trailer (whatever its hash says)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            f.seek(max(0, size - _TRAILER))
+            return size >= _TRAILER and f.read(len(_MAGIC)) == _MAGIC
+    except OSError:
+        return False
 
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:

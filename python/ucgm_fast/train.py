@@ -34,7 +34,7 @@ from .optim import EMA, FlatGrads, ema_init, load_optimizer_state, lr_at, make_o
 from .plots import save_grid, save_loss_curve, to_display
 
 __all__ = ["main", "train", "build_model", "build_dataset", "model_config", "check_model_config",
-           "load_model_from_checkpoint", "sample_images"]
+           "load_model_from_checkpoint", "read_checkpoint", "sample_images"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,9 +185,26 @@ def grid_labels(num_classes: int, n: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
+def read_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    """A verified ucgm_fast checkpoint, or one of the published UCGM trainer read as such
+    (:mod:`ucgm_fast.published`: a file without ucgm_fast's integrity trailer)."""
+    if ckpt_io.has_trailer(path) or not os.path.isfile(path):
+        return ckpt_io.load_checkpoint(path, map_location)
+    from .published import from_published
+
+    try:
+        return from_published(path, map_location)
+    except ckpt_io.CheckpointError as published:
+        try:
+            ckpt_io.load_checkpoint(path, map_location)  # raises its own reason (truncated, ...)
+        except ckpt_io.CheckpointError as err:
+            raise ckpt_io.CheckpointError(f"{err}; {published}") from None
+        raise
+
+
 def load_model_from_checkpoint(path: str, use_ema: bool = True, map_location="cpu"):
-    """(model, cfg, payload) from a training checkpoint; the EMA weights by default."""
-    payload = ckpt_io.load_checkpoint(path, map_location)
+    """(model, cfg, payload) from a training checkpoint (or a published UCGM one); the EMA weights by default."""
+    payload = read_checkpoint(path, map_location)
     for key in ("config", "model_config", "model", "ema"):
         if key not in payload:
             raise ckpt_io.CheckpointError(f"checkpoint {path!r} has no {key!r} entry")
@@ -414,15 +431,22 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
     else:
         src = _init_source(cfg, ckdir)
         if src:
-            init = ckpt_io.load_checkpoint(src)
+            init = read_checkpoint(src)
             check_model_config(init["model_config"], mcfg, src)
             # Few-step tuning starts by default from the multi-step EMA weights (the model one samples from).
             _load_state(model, init[tcfg["init_weights"]], src)
             ema_init(ema, model)
-            if not tcfg["no_reopt"]:
+            if not tcfg["no_reopt"] and init.get("published"):
+                # Its optimizer indexes the published model's parameters, whose order differs (its
+                # pos_embed is a parameter): moments would land on the wrong tensors.
+                warn(f"warning: {src} is a published UCGM checkpoint; its optimizer state is not loaded")
+            elif not tcfg["no_reopt"]:
                 _load_optimizer(opt, init, cfg, src, warn)
             if not tcfg["no_reuni"]:
-                objective.load_state_dict(_to_device(init["objective"], device))
+                try:
+                    objective.load_state_dict(_to_device(init.get("objective") or {}, device))
+                except (ValueError, RuntimeError) as err:
+                    raise ConfigError(f"{src}: its UCGM state (target network) does not load: {err}") from None
             warn(f"initialised from {src} (step {init['step']}; {tcfg['init_weights']} weights)")
         else:
             ema_init(ema, model)
