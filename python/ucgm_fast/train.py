@@ -494,15 +494,10 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
     loss_sum = torch.zeros((), device=device)
     n_loss, t_log, last_loss = 0, time.perf_counter(), float("nan")
     saved_step = step if payload is not None else -1
-    # Checkpoints past the resumed step (all of them in a fresh run: an earlier run's) are moved
-    # aside at the first save, once the run is under way: a launch that fails before it leaves them.
-    set_aside = [step if payload is not None else -1]
 
     def save(at_step: int):
         rngs = _all_gather(_rng_state(device), world)
         if main_proc:
-            if set_aside:
-                _set_aside_later(ckdir, set_aside.pop(), warn, exclude=src_in_ckdir)
             path = ckpt_io.checkpoint_path(ckdir, at_step)
             ckpt_io.save_checkpoint({
                 "step": at_step, "model": model.state_dict(), "ema": ema.state_dict(),
@@ -519,6 +514,11 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
             save_grid(images_of(dataset, x), os.path.join(out_dir, "samples", name),
                       nrow=min(mcfg["num_classes"], grid_n) if mcfg["num_classes"] <= 16 else None)
 
+    if main_proc:
+        # Every check has passed: checkpoints past the resumed step (in a fresh run all of them, an
+        # earlier run's) go aside now, so a launch refused above leaves them and a run killed before
+        # its first save is not resumed from them.
+        _set_aside_later(ckdir, saved_step, warn, exclude=src_in_ckdir)
     stop = False
     while step < tcfg["max_steps"] and not stop:
         x, y = next(batches)
