@@ -397,6 +397,8 @@ def test_load_state_dict_copies_and_resets():
     # A target state that does not fit: a clear error, and the object stays usable after a good load.
     bad = ucgm_fast.UCGM("Linear", 0.0, 0.5, label_drop_ratio=0.25, target_ema_decay=0.9)
     bad.load_state_dict({"target_decay": 0.5, "target_updates": 2, "mod.conv.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="does not fit the model: conv.bias"):  # checked up front, without a copy
+        bad.check_target_state(model)
     with pytest.raises(ValueError, match="does not fit the model"):
         bad.loss(model, x, y, t=t, z=z)
     assert bad.target is None

@@ -47,7 +47,9 @@ def write_published(path, seed=0):
     derived = {"feat_rope.freqs_cos": torch.ones(4, 8), "feat_rope.freqs_sin": torch.zeros(4, 8)}
     torch.save({"model": {"module." + k: v.clone() for k, v in {**sd, **derived}.items()},
                 "ema": {**sd, **derived}, "opt": {"state": {}, "param_groups": []},
-                "unigen": {}, "config": published_config(options=SMALL)}, path)
+                # The published UCGMTS state: its target network (the whole TiT) under mod.
+                "unigen": {"mod." + k: v.clone() for k, v in {**sd, **derived}.items()},
+                "config": published_config(options=SMALL)}, path)
     return model
 
 
@@ -74,7 +76,8 @@ def test_tuning_starts_from_a_published_checkpoint(tmp_path, capsys):
     np.savez(tmp_path / "lat.npz", latents=lat, labels=np.arange(32) % 10)
     overrides = ["data.name=latents", f"data.data_path={tmp_path / 'lat.npz'}", "data.image_size=32",
                  "vae.downsample_ratio=8", "model.type=TiT-S/2", "model.in_chans=4", f"train.init_from={src}",
-                 "train.no_reopt=false", "train.max_steps=1", "train.ckpt_every=1", "train.global_batch_size=16",
+                 "train.no_reopt=false", "train.no_reuni=false", "transport.enhanced_ratio=0.44",
+                 "transport.ema_decay_rate=0.999", "train.max_steps=1", "train.ckpt_every=1", "train.global_batch_size=16",
                  "train.grid_size=4", "train.progress=false", "sample.sampling_steps=1",
                  f"output_dir={tmp_path / 'run'}"] + [f"model.options.{k}={v}" for k, v in SMALL.items()]
     summary = train(load_config(None, overrides))

@@ -238,6 +238,19 @@ class UCGM:
         self.target = target  # assigned last: a failed load leaves no half-made copy behind
         self._target_call = torch.compile(target) if compiled else target
 
+    def check_target_state(self, model) -> None:
+        """ValueError when a loaded target-network state (kept until the copy is made) does not fit ``model``:
+        names and shapes, checked now rather than at the first loss."""
+        pending = self._pending_target_state
+        if pending is None:
+            return
+        own = _unwrap_all(model).state_dict()
+        wrong = sorted(set(pending) ^ set(own)) + sorted(k for k in set(pending) & set(own)
+                                                        if pending[k].shape != own[k].shape)
+        if wrong:
+            raise ValueError(f"UCGM: the loaded target network state does not fit the model: {', '.join(wrong[:8])}"
+                             f"{' ...' if len(wrong) > 8 else ''}")
+
     def _next_decay(self, d: float) -> float:
         D = self.target_ema_decay
         return d + (1.0 - d) * (D - d) * 0.5

@@ -3,7 +3,8 @@
 The published trainer saves ``torch.save({"model", "ema", "opt", "unigen", "config"})`` to
 ``checkpoints/NNNNNNN.pt``. Its TiT models are ucgm_fast's DiT with the TiT options, parameter for
 parameter and under the same names (``ucgm_fast.models.TIT_OPTIONS``), so such a checkpoint can be
-sampled from (``ucgm-sample``, ``ucgm-eval``) or tuned (``train.init_from``) here. Its RoPE tables
+sampled from (``ucgm-sample``, whose ``--save-npz`` gives latents to decode) or tuned
+(``train.init_from``) here. Its RoPE tables
 (``feat_rope.freqs_cos`` / ``freqs_sin``) are dropped: ucgm_fast recomputes them. Architectures
 outside the registry (LightningDiT, SiT, DDT, ...) are refused by name.
 """
@@ -28,13 +29,15 @@ def is_published_payload(payload) -> bool:
     return isinstance(payload, dict) and {"model", "ema", "config"} <= set(payload) and "model_config" not in payload
 
 
-def _weights(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _weights(state: Dict[str, torch.Tensor], prefix: str = "") -> Dict[str, torch.Tensor]:
+    """The state without DDP / accelerate ``module.`` prefixes and the derived buffers (after ``prefix``)."""
     out = {}
     for name, value in state.items():
-        while name.startswith("module."):  # DDP / accelerate prefixes
-            name = name[len("module."):]
-        if not _DERIVED.match(name):
-            out[name] = value
+        inner = name[len(prefix):] if name.startswith(prefix) else name
+        while inner.startswith("module."):
+            inner = inner[len("module."):]
+        if not _DERIVED.match(inner):
+            out[(prefix if name.startswith(prefix) else "") + inner] = value
     return out
 
 
@@ -47,10 +50,11 @@ def from_published(path: str, map_location="cpu") -> Dict[str, Any]:
     from .config import ConfigError, load_config, merge_config
     from .train import model_config
 
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+    try:  # mapped: only the weights used are read (the optimizer moments are twice the model)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as err:
-        raise CheckpointError(f"{path!r} is not a published UCGM checkpoint either ({type(err).__name__})") from None
+        raise CheckpointError(f"{path!r} is not a published UCGM checkpoint either ({type(err).__name__}: "
+                              f"{err})") from None
     if not is_published_payload(payload):
         raise CheckpointError(f"{path!r} is not a published UCGM checkpoint either (no model, ema, config entries)")
     published = dict(payload["config"])
@@ -64,6 +68,6 @@ def from_published(path: str, map_location="cpu") -> Dict[str, Any]:
     stem = os.path.splitext(os.path.basename(path))[0]
     out = {"step": int(stem) if stem.isdigit() else 0, "model": _weights(payload["model"]),
            "ema": _weights(payload["ema"]), "config": cfg, "model_config": mcfg, "published": True}
-    if "unigen" in payload:
-        out["objective"] = payload["unigen"]
+    if "unigen" in payload:  # the published UCGMTS: its target network under mod.
+        out["objective"] = _weights(payload["unigen"], prefix="mod.")
     return out

@@ -123,8 +123,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if cfg["data"]["name"] == "latents":
                 stats = payload.get("latent_stats") or getattr(dataset, "latent_stats", None)
                 if stats is None:
-                    print("ucgm-sample: warning: the checkpoint predates latent statistics and the latent file "
-                          "is not here: --save-npz holds model-space samples only", file=sys.stderr)
+                    print("ucgm-sample: warning: the checkpoint holds no latent statistics (an older or a published "
+                          "one) and the latent file is not here: --save-npz holds model-space samples only",
+                          file=sys.stderr)
                 else:
                     arrays.update(latents=to_autoencoder_latents(x, stats).cpu().numpy(),
                                   latent_mean=stats["mean"].numpy(), latent_std=stats["std"].numpy(),

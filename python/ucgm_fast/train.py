@@ -445,6 +445,7 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
             if not tcfg["no_reuni"]:
                 try:
                     objective.load_state_dict(_to_device(init.get("objective") or {}, device))
+                    objective.check_target_state(model)
                 except (ValueError, RuntimeError) as err:
                     raise ConfigError(f"{src}: its UCGM state (target network) does not load: {err}") from None
             warn(f"initialised from {src} (step {init['step']}; {tcfg['init_weights']} weights)")
