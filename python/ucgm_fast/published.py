@@ -51,7 +51,10 @@ def from_published(path: str, map_location="cpu") -> Dict[str, Any]:
     from .train import model_config
 
     try:  # mapped: only the weights used are read (the optimizer moments are twice the model)
-        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip) format cannot be mapped
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         raise CheckpointError(f"{path!r} is not a published UCGM checkpoint either ({type(err).__name__}: "
                               f"{err})") from None
