@@ -30,14 +30,14 @@ def is_published_payload(payload) -> bool:
 
 
 def _weights(state: Dict[str, torch.Tensor], prefix: str = "") -> Dict[str, torch.Tensor]:
-    """The state without DDP / accelerate ``module.`` prefixes and the derived buffers (after ``prefix``)."""
+    """``state`` without DDP / accelerate ``module.`` prefixes (after ``prefix``) and the derived buffers."""
     out = {}
     for name, value in state.items():
-        inner = name[len(prefix):] if name.startswith(prefix) else name
+        head, inner = (prefix, name[len(prefix):]) if name.startswith(prefix) else ("", name)
         while inner.startswith("module."):
             inner = inner[len("module."):]
         if not _DERIVED.match(inner):
-            out[(prefix if name.startswith(prefix) else "") + inner] = value
+            out[head + inner] = value
     return out
 
 
