@@ -69,6 +69,15 @@ def test_a_published_checkpoint_samples_like_its_model(tmp_path):
     assert np.isfinite(np.load(out)["samples"]).all()
 
 
+def test_a_published_checkpoint_in_the_legacy_format(tmp_path):
+    path = str(tmp_path / "0000007.pt")
+    model = write_published(path)
+    torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)  # not mappable
+    loaded, _, payload = load_model_from_checkpoint(path)
+    x, t, y = torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([1, 2])
+    assert payload["step"] == 7 and torch.equal(loaded(x, t, y), model(x, t, y))
+
+
 def test_tuning_starts_from_a_published_checkpoint(tmp_path, capsys):
     src = str(tmp_path / "0000000.pt")
     model = write_published(src)
