@@ -43,12 +43,10 @@ __all__ = ["main", "train", "build_model", "build_dataset", "model_config", "che
 
 def model_config(cfg: Dict[str, Any], in_channels: int) -> Dict[str, Any]:
     """What identifies the architecture: registry name, sizes and options (stored in checkpoints)."""
-    name = cfg["model"]["type"]
-    options = dict(cfg["model"]["options"] or {})
-    if isinstance(name, str) and name.startswith("TiT-"):  # stored as the DiT it is (get_model's rule)
-        from .models import TIT_OPTIONS
+    from .models import resolve_model_name
 
-        name, options = "DiT-" + name[4:], {**TIT_OPTIONS, **options}
+    # A TiT name is stored as the DiT it is.
+    name, options = resolve_model_name(cfg["model"]["type"], dict(cfg["model"]["options"] or {}))
     return {"type": name, "input_size": latent_size(cfg), "in_channels": int(in_channels),
             "num_classes": int(cfg["data"]["num_classes"]), "options": options}
 

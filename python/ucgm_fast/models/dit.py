@@ -462,6 +462,14 @@ DiT_models = {
 #: (``get_model("TiT-XL/2")`` = DiT-XL/2 with these options).
 TIT_OPTIONS = {"use_rmsnorm": True, "qk_norm": True, "use_swiglu": True, "use_rope": True}
 
+def resolve_model_name(name, options: dict):
+    """(registry name, options) that ``name`` stands for: ``TiT-*`` is the DiT of that size with
+    :data:`TIT_OPTIONS` (the given options win); any other name is returned as it is."""
+    if isinstance(name, str) and name.startswith("TiT-"):
+        return "DiT-" + name[4:], {**TIT_OPTIONS, **options}
+    return name, options
+
+
 #: Constructor options that get_model accepts besides input_size / in_channels / num_classes.
 MODEL_OPTIONS = ("mlp_ratio", "use_rmsnorm", "qk_norm", "use_swiglu", "use_rope", "attention", "time_scale",
                  "depth", "hidden_size", "num_heads")
@@ -482,8 +490,7 @@ def get_model(name: str, input_size: int = 32, in_channels: int = 4, num_classes
         ("auto", "sdpa", "math"); ``time_scale``; ``mlp_ratio``; and ``depth``, ``hidden_size``,
         ``num_heads`` to shrink a config (tests, tiny runs).
     """
-    if isinstance(name, str) and name.startswith("TiT-"):
-        name, options = "DiT-" + name[4:], {**TIT_OPTIONS, **options}
+    name, options = resolve_model_name(name, options)
     if name not in DiT_models:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(DiT_models)} (and TiT-* of each)")
     unknown = sorted(set(options) - set(MODEL_OPTIONS))
