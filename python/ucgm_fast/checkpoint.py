@@ -18,7 +18,7 @@ import torch
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
            "load_latest_valid", "prune_checkpoints", "checkpoint_path", "checkpoint_step", "is_checkpoint_name",
-           "has_trailer"]
+           "NoTrailerError"]
 
 _MAGIC = b"UCGMCKPT"
 _TRAILER = len(_MAGIC) + 32
@@ -27,6 +27,10 @@ _NAME = re.compile(r"^(\d{7,})\.pt$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (truncated, corrupted, not a checkpoint); names the file."""
+
+
+class NoTrailerError(CheckpointError):
+    """The file lacks save_checkpoint's integrity trailer: truncated, or written by another program."""
 
 
 def checkpoint_path(directory: str, step: int) -> str:
@@ -106,27 +110,16 @@ def verify_checkpoint(path: str) -> int:
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     size = os.path.getsize(path)
     if size < _TRAILER:
-        raise CheckpointError(f"checkpoint {path!r} is truncated or empty ({size} bytes)")
+        raise NoTrailerError(f"checkpoint {path!r} is truncated or empty ({size} bytes)")
     with open(path, "rb") as f:
         f.seek(size - _TRAILER)
         trailer = f.read(_TRAILER)
     if trailer[:len(_MAGIC)] != _MAGIC:
-        raise CheckpointError(f"checkpoint {path!r} is truncated or not a ucgm_fast checkpoint "
+        raise NoTrailerError(f"checkpoint {path!r} is truncated or not a ucgm_fast checkpoint "
                               "(its integrity trailer is missing)")
     if _hash_file(path, size - _TRAILER) != trailer[len(_MAGIC):]:
         raise CheckpointError(f"checkpoint {path!r} is corrupted (SHA-256 mismatch)")
     return size - _TRAILER
-
-
-def has_trailer(path: str) -> bool:
-    """Whether the file ends with save_checkpoint's integrity trailer (whatever its hash says)."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            f.seek(max(0, size - _TRAILER))
-            return size >= _TRAILER and f.read(len(_MAGIC)) == _MAGIC
-    except OSError:
-        return False
 
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:

@@ -186,18 +186,15 @@ def grid_labels(num_classes: int, n: int) -> torch.Tensor:
 def read_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     """A verified ucgm_fast checkpoint, or one of the published UCGM trainer read as such
     (:mod:`ucgm_fast.published`: a file without ucgm_fast's integrity trailer)."""
-    if ckpt_io.has_trailer(path) or not os.path.isfile(path):
-        return ckpt_io.load_checkpoint(path, map_location)
-    from .published import from_published
-
     try:
-        return from_published(path, map_location)
-    except ckpt_io.CheckpointError as published:
+        return ckpt_io.load_checkpoint(path, map_location)
+    except ckpt_io.NoTrailerError as err:
+        from .published import from_published
+
         try:
-            ckpt_io.load_checkpoint(path, map_location)  # raises its own reason (truncated, ...)
-        except ckpt_io.CheckpointError as err:
+            return from_published(path, map_location)
+        except ckpt_io.CheckpointError as published:  # neither: both reasons (truncated, ...)
             raise ckpt_io.CheckpointError(f"{err}; {published}") from None
-        raise
 
 
 def load_model_from_checkpoint(path: str, use_ema: bool = True, map_location="cpu"):
@@ -434,12 +431,13 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
             # Few-step tuning starts by default from the multi-step EMA weights (the model one samples from).
             _load_state(model, init[tcfg["init_weights"]], src)
             ema_init(ema, model)
-            if not tcfg["no_reopt"] and init.get("published"):
-                # Its optimizer indexes the published model's parameters, whose order differs (its
-                # pos_embed is a parameter): moments would land on the wrong tensors.
-                warn(f"warning: {src} is a published UCGM checkpoint; its optimizer state is not loaded")
-            elif not tcfg["no_reopt"]:
-                _load_optimizer(opt, init, cfg, src, warn)
+            if not tcfg["no_reopt"]:
+                if init.get("published"):
+                    # Its optimizer indexes the published model's parameters, whose order differs (its
+                    # pos_embed is a parameter): moments would land on the wrong tensors.
+                    warn(f"warning: {src} is a published UCGM checkpoint; its optimizer state is not loaded")
+                else:
+                    _load_optimizer(opt, init, cfg, src, warn)
             if not tcfg["no_reuni"]:
                 try:
                     objective.load_state_dict(_to_device(init.get("objective") or {}, device))
