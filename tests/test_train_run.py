@@ -303,14 +303,17 @@ def test_source_checkpoint_among_the_runs_own(tmp_path, capsys):
     # --resume RUN without --config: the source is not the run's state (config.yaml names it).
     run = tmp_path / "tune"
     (run / "checkpoints").mkdir(parents=True)
-    shutil.copy(src, run / "checkpoints" / "0000000.pt")
-    tune = ["train.ckpt=0000000.pt", "transport.consistc_ratio=1.0", "transport.ema_decay_rate=1.0",
+    shutil.copy(src, run / "checkpoints" / "0000100.pt")  # named past the run's steps: newest by name
+    tune = ["train.ckpt=0000100.pt", "transport.consistc_ratio=1.0", "transport.ema_decay_rate=1.0",
             "train.ckpt_every=2", "train.keep_last=1"]
     train(load_config(tiny_config(tmp_path, "tune"), tune + ["train.max_steps=2"]))
     assert train_main(["--resume", str(run), "train.max_steps=4"]) == 0
     assert "resuming from" in capsys.readouterr().err
-    assert sorted(os.listdir(run / "checkpoints")) == ["0000000.pt", "0000004.pt"]
+    assert sorted(os.listdir(run / "checkpoints")) == ["0000004.pt", "0000100.pt"]
     assert ck.load_checkpoint(str(run / "checkpoints" / "0000004.pt"))["config"]["transport"]["consistc_ratio"] == 1.0
+    # The same, named by its checkpoints/ folder.
+    assert train_main(["--resume", str(run / "checkpoints"), "train.max_steps=6"]) == 0
+    assert sorted(os.listdir(run / "checkpoints")) == ["0000006.pt", "0000100.pt"]
 
 
 def test_sample_cli_names_a_corrupted_checkpoint(trained_checkpoint, tmp_path):

@@ -309,9 +309,13 @@ def _resolve_resume(resume: str, directory: str, warn, exclude=()):
             raise ckpt_io.CheckpointError(f"{err}{hint}") from None
     if resume and not os.path.isdir(resume):
         raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint file or run directory")
-    base = resume or directory
-    ckdir = os.path.join(base, "checkpoints") if os.path.isdir(os.path.join(base, "checkpoints")) else base
-    return ckpt_io.load_latest_valid(ckdir, warn=warn, exclude=exclude)
+    return ckpt_io.load_latest_valid(_checkpoint_dir(resume or directory), warn=warn, exclude=exclude)
+
+
+def _checkpoint_dir(base: str) -> str:
+    """Where a run folder keeps its checkpoints: base/checkpoints when it exists, else base itself."""
+    sub = os.path.join(base, "checkpoints")
+    return sub if os.path.isdir(sub) else base
 
 
 def _source_in(cfg: Dict[str, Any], ckdir: str) -> list:
@@ -626,16 +630,19 @@ def _parser() -> argparse.ArgumentParser:
 def _source_of_run(path: str) -> list:
     """For --resume RUN without --config: the run's source checkpoint among its own, from the
     config.yaml it wrote at its start (the checkpoints alone cannot tell it apart)."""
-    run = os.path.dirname(os.path.abspath(path)) if os.path.basename(os.path.abspath(path)) == "checkpoints" else path
+    if not os.path.isdir(path):
+        return []
+    ckdir = os.path.abspath(_checkpoint_dir(path))  # the folder _resolve_resume searches
+    run = os.path.dirname(ckdir) if os.path.basename(ckdir) == "checkpoints" else ckdir
     saved = os.path.join(run, "config.yaml")
-    if not os.path.isdir(path) or not os.path.isfile(saved):
+    if not os.path.isfile(saved):
         return []
     # Only the two keys that name the source: the rest need not pass today's checks (the command
     # line's overrides may be what fixes them).
     with open(saved, encoding="utf-8") as f:
         section = (read_yaml(f) or {}).get("train") or {}
     keys = {"init_from": section.get("init_from"), "ckpt": section.get("ckpt")}
-    return _source_in({"train": keys}, os.path.join(run, "checkpoints"))
+    return _source_in({"train": keys}, ckdir)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
