@@ -16,7 +16,7 @@ import torch
 from ..reference import sampler as reference
 from .._kernels import DTYPE_CODE, Kernel, eager_fast_path
 from .._validate import FLOAT_DTYPES
-from ..transports import get_transport
+from ..transports import TRANSPORTS, get_transport
 
 __all__ = ["sampler_step", "sampler_correct", "sampler_noise"]
 
@@ -64,7 +64,7 @@ def _step_impl(F, x, x_prev, z_prev, sched, seed, step: int, transport: int, ext
 def _step_fallback(F, x, x_prev, z_prev, sched, seed, step, transport, mode, x_next, x_hat, z_hat, hats):
     # No compiled kernel for this device: the eager reference with the same noise.
     noise = reference.philox_noise(x.numel(), int(seed.reshape(-1)[0]), step).reshape(x.shape).to(x.device)
-    out = reference.sampler_step(F, x, sched[0], sched[1], transport, step=step, stochast_ratio=sched[2],
+    out = reference.sampler_step(F, x, sched[0], sched[1], TRANSPORTS[transport], step=step, stochast_ratio=sched[2],
                                  extrapol_ratio=sched[3], x_prev=x_prev if mode else None,
                                  z_prev=z_prev if mode else None, return_hats=True, noise=noise)
     x_next.copy_(out[0])
@@ -77,7 +77,6 @@ def _step_fallback(F, x, x_prev, z_prev, sched, seed, step, transport, mode, x_n
 def _correct_impl(F, x_next, x, z_hat, sched, transport: int):
     F, x_next, x, z_hat = _flat(F), _flat(x_next), _flat(x), _flat(z_hat)
     if not _CORRECT.available(x):
-        from ..transports import TRANSPORTS
         return reference.sampler_correct(F, x_next, x, z_hat, sched[0], sched[1], TRANSPORTS[transport])
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel():
@@ -262,7 +261,7 @@ def sampler_step(F, x, t, t_next, transport, *, step: int = 0, stochast_ratio=0.
     step = _check_step(op, step)
     for name, v, lo, hi in (("stochast_ratio", stochast_ratio, 0.0, 1.0), ("extrapol_ratio", extrapol_ratio, 0.0, None)):
         if isinstance(v, numbers.Real) and not isinstance(v, bool) and not (v >= lo and (hi is None or v <= hi)):
-            raise ValueError(f"{op}: {name} must be in [{lo}, {hi if hi is not None else 'inf'}), got {v}")
+            raise ValueError(f"{op}: {name} must be in [{lo}, {f'{hi}]' if hi is not None else 'inf)'}, got {v}")
     if (x_prev is None) != (z_prev is None):
         raise ValueError(f"{op}: pass both x_prev and z_prev or neither")
     if x_prev is None:

@@ -17,6 +17,8 @@ model's outputs are combined in float32 like the published code does under autoc
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as Fn
 
@@ -142,7 +144,7 @@ def ucgm_loss_backward_op(grad, F, target, t, root, cosine, time_weighting, targ
     gF = _col(g / (n * root.to(ct)), Fc) * (Fc - Tc)
     gT = -gF
     if cosine:
-        positions = max(Fc[0, 0].numel(), 1) if F.shape[0] else 1
+        positions = max(math.prod(F.shape[2:]), 1)
         dot, ff, tt = ((u * v).sum(1, keepdim=True) for u, v in ((Fc, Tc), (Fc, Fc), (Tc, Tc)))
         nf0, nt0 = ff.sqrt(), tt.sqrt()
         a = 1 / (nf0.clamp_min(1e-8) * nt0.clamp_min(1e-8))
