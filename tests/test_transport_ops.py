@@ -48,12 +48,41 @@ def as64(t):
     return t.double() if isinstance(t, torch.Tensor) else t
 
 
+def per_sample_times(t, batch, device):
+    """t in every accepted form as a float64 (B,) vector, written out here: the oracle must not share
+    the ops' own normalisation of t (a bug there would reach both)."""
+    t = torch.as_tensor(t, dtype=torch.float64, device=device).reshape(-1)
+    return t.expand(batch) if t.numel() == 1 else t
+
+
 def check_op(op, a, b, t, transport, dtype):
     out = getattr(ucgm_fast, op)(a, b, t, transport)
-    oracle = getattr(reference, op)(a.double(), b.double(), as64(t), transport)
+    t64 = per_sample_times(t, a.shape[0], a.device)
+    oracle = getattr(reference, op)(a.double(), b.double(), t64, transport)
     peer = getattr(reference, op)(a, b, t, transport)
-    assert out[0].shape == a.shape and out[0].device == a.device
+    for o in out:
+        assert o.shape == a.shape and o.device == a.device
     assert_close_to_oracle(out, oracle, peer, dtype, (a, b))
+    if dtype in (torch.float16, torch.bfloat16):
+        assert_float32_arithmetic(op, out, oracle, a, b, t64, transport)
+
+
+def assert_float32_arithmetic(op, out, oracle, a, b, t64, transport):
+    """16-bit data: each element is the float64 result up to float32 arithmetic and one rounding to
+    the data dtype. Per element: |out - exact| <= half a 16-bit spacing of |exact| (with slack for
+    the float32 result it rounds) + 16 float32 eps (coefficients to a few ulps, two products, a sum) of the magnitudes the two terms mix
+    (|m_a a| + |m_b b|, from the oracle with one input zeroed) + half the smallest subnormal. Arithmetic
+    in 16 bits, or t rounded to 16 bits, breaks it wherever the terms cancel; the bound relative to
+    the largest value (assert_close_to_oracle) cannot see that."""
+    a64, b64 = a.double(), b.double()
+    ref = getattr(reference, op)
+    parts = (ref(a64, torch.zeros_like(b64), t64, transport), ref(torch.zeros_like(a64), b64, t64, transport))
+    info, f32 = torch.finfo(a.dtype), torch.finfo(torch.float32)
+    for k, (o, exact) in enumerate(zip(out, oracle)):
+        mag = parts[0][k].abs() + parts[1][k].abs()
+        bound = (info.eps / 2 * (1 + 2 ** -6)) * exact.abs() + 16 * f32.eps * mag + info.smallest_normal * info.eps / 2
+        excess = ((o.double() - exact).abs() - bound).max()
+        assert excess <= 0, f"{op} output {k}: an element is {float(excess):.3g} past float32-arithmetic rounding"
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
