@@ -182,6 +182,20 @@ def test_init_from_starts_few_step_tuning_from_ema_weights(tmp_path):
                                                        "transport.ema_decay_rate=1.0"])
     summary = train(tune)
     assert summary["step"] == 2 and torch.isfinite(torch.tensor(summary["loss"]))
+    # With the learning rate at 0 the tuned weights stay what they started from: the source's EMA
+    # weights by default, its online weights on request (the two differ after 4 steps).
+    source = ck.load_checkpoint(src)
+    for which in ("ema", "model"):
+        choice = [] if which == "ema" else [f"train.init_weights={which}"]  # "ema": the default
+        frozen = load_config(tiny_config(tmp_path, f"frozen_{which}"), choice + [
+            f"train.init_from={src}", "train.max_steps=1", "train.ckpt_every=1",
+            "optimizer.lr=0", "optimizer.min_lr=0", "optimizer.warmup_steps=0", "transport.consistc_ratio=1.0",
+            "transport.ema_decay_rate=1.0"])
+        train(frozen)
+        tuned = ck.load_checkpoint(os.path.join(frozen["output_dir"], "checkpoints", "0000001.pt"))["model"]
+        other = "model" if which == "ema" else "ema"
+        assert all(torch.equal(tuned[k], source[which][k]) for k in tuned)
+        assert not all(torch.equal(tuned[k], source[other][k]) for k in tuned)
 
 
 @pytest.mark.slow
