@@ -37,7 +37,8 @@ def published_config(**model):
 
 
 def write_published(path, seed=0):
-    """A published-layout checkpoint of a small TiT (random weights); returns the model."""
+    """A published-layout checkpoint of a small TiT (random weights); returns the model of its EMA
+    weights (its online weights are those, perturbed)."""
     torch.manual_seed(seed)
     model = get_model("TiT-S/2", input_size=4, in_channels=4, num_classes=10, **SMALL)
     with torch.no_grad():
@@ -45,7 +46,8 @@ def write_published(path, seed=0):
             p.normal_(0, 0.2)
     sd = model.state_dict()
     derived = {"feat_rope.freqs_cos": torch.ones(4, 8), "feat_rope.freqs_sin": torch.zeros(4, 8)}
-    torch.save({"model": {"module." + k: v.clone() for k, v in {**sd, **derived}.items()},
+    online = {k: v + 0.05 * torch.randn_like(v) for k, v in sd.items()}
+    torch.save({"model": {"module." + k: v for k, v in {**online, **derived}.items()},
                 "ema": {**sd, **derived}, "opt": {"state": {}, "param_groups": []},
                 # The published UCGMTS state: its target network (the whole TiT) under mod.
                 "unigen": {"mod." + k: v.clone() for k, v in {**sd, **derived}.items()},
@@ -61,7 +63,9 @@ def test_a_published_checkpoint_samples_like_its_model(tmp_path):
     assert cfg["data"]["name"] == "latents" and cfg["transport"]["enhanced_ratio"] == 0.44
     assert cfg["sample"]["extrapol_ratio"] == 0.21 and payload["model_config"]["type"] == "DiT-S/2"
     x, t, y = torch.randn(3, 4, 4, 4), torch.rand(3), torch.tensor([0, 5, 10])
-    assert torch.equal(loaded(x, t, y), model(x, t, y))
+    assert torch.equal(loaded(x, t, y), model(x, t, y))  # the EMA weights, by default
+    online, _, _ = load_model_from_checkpoint(path, use_ema=False)
+    assert not torch.allclose(online(x, t, y), model(x, t, y), atol=1e-3)
     from ucgm_fast.sample_cli import main as sample_main
     out = tmp_path / "s.npz"
     assert sample_main(["--ckpt", path, "--num", "4", "--device", "cpu", "--out", str(tmp_path / "g.png"),
