@@ -29,7 +29,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor, *inputs: torch.Tensor) -> floa
 
 def assert_close_to_oracle(outs, oracle, torch_outs, dtype, inputs=()):
     """Fused outputs vs the float64 oracle under TOLERANCE (see above for low precision)."""
-    for out, ref, peer in zip(outs, oracle, torch_outs):
+    for out, ref, peer in zip(outs, oracle, torch_outs, strict=True):
         assert out.dtype == dtype
         err = rel_err(out, ref, *inputs)
         bound = TOLERANCE[dtype]
@@ -41,7 +41,7 @@ def assert_close_to_oracle(outs, oracle, torch_outs, dtype, inputs=()):
 def assert_same_bits(outs):
     """Every list of output tensors in outs equals the first, bit for bit (dtype and shape too)."""
     for other in outs[1:]:
-        for a, b in zip(outs[0], other):
+        for a, b in zip(outs[0], other, strict=True):
             assert a.dtype == b.dtype and a.shape == b.shape
             same = torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
             assert same, f"max diff {(a.double() - b.double()).abs().max()}"

@@ -130,10 +130,16 @@ def test_time_changes_output():
     assert not torch.allclose(model(x, t, y), model(x, 1 - t, y))
 
 
-def test_float64_forward():
-    model = randomize(get_model("DiT-S/2", input_size=8, in_channels=1, num_classes=10, **TINY)).double()
+@pytest.mark.parametrize("options", [{}, TIT], ids=["dit", "tit"])
+def test_float64_forward(options):
+    # The float64 model (the test oracle of training and sampling) computes what the float32 one does.
+    model = randomize(get_model("DiT-S/2", input_size=8, in_channels=1, num_classes=10, **TINY, **options))
     x, t, y = inputs()
-    assert model(x.double(), t.double(), y).dtype == torch.float64
+    with torch.no_grad():
+        out32 = model(x, t, y)
+        out64 = model.double()(x.double(), t.double(), y)
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64.float(), out32, rtol=1e-4, atol=1e-4 * float(out32.abs().max()))
 
 
 @pytest.mark.parametrize("options", [

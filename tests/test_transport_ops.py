@@ -110,7 +110,10 @@ def test_coefficients_match_reference(device, dtype, transport):
             assert o.shape == tt.shape and o.dtype == dtype
         assert_close_to_oracle(out, oracle, peer, dtype)
     scalar = ucgm_fast.coefficients(0.25, transport)
-    assert scalar[0].dim() == 0 and scalar[0].dtype == torch.float32
+    exact = reference.coefficients(torch.tensor(0.25, dtype=torch.float64), transport)
+    for c, e in zip(scalar, exact, strict=True):
+        assert c.dim() == 0 and c.dtype == torch.float32
+        assert abs(float(c) - float(e)) <= 4e-7 * max(1.0, abs(float(e)))
 
 
 def _ulp_err(out, peer):
