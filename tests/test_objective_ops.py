@@ -14,8 +14,12 @@ TRANSPORTS = ucgm_fast.TRANSPORTS
 SHAPES = [(1, (1,)), (7, (1,)), (5, (3, 7)), (129, (2, 3)), (3, (1003,)), (4, (4, 3, 5))]
 
 # fd_target divides f32 rounding by r_a - r_b (2 eps = 0.01 at lambda = 1): a looser floor for
-# float32 than the elementwise ops (errors relative to the largest reference magnitude).
-FD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+# float32 than the elementwise ops (errors relative to the largest reference magnitude). Keyed by
+# the OUTPUT dtype: 16-bit data is exact in float32 and the target is computed and returned in
+# float32, so it gets the float32 bound (at these seeds max 4e-5 for 16-bit data, 3.3e-5 for float32
+# data; the seeds matter: on other seeds single small rows reach 1e-4, mostly within check()'s
+# 2x-the-peer rule; a result rounded through the 16-bit data dtype is off by 4e-4 to 4e-3).
+FD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-5}
 
 
 def seed(*parts):
@@ -84,13 +88,15 @@ def test_enhance_target_matches_reference(device, pair, transport):
                         peer = reference.enhance_target(x, z, F_w, wo, t.to(torch.float32 if dd != torch.float64
                                                                             else dd), **args)
                         if emit:
+                            # The target comes back in float32 for 16-bit data too (inputs exact in
+                            # float32): the float32 bound, not the data dtype's (measured <= 3.3e-7).
                             out, oracle, peer = (out,), (oracle,), (peer,)
                             want = torch.float64 if dd == torch.float64 else torch.float32
                         else:
                             want = dd
                         for o, r, p in zip(out, oracle, peer):
                             assert o.dtype == want and o.shape == shape and o.device == x.device
-                            check(o, r, p, tol if not emit or dd != torch.float32 else TOLERANCE[torch.float32], (x, z))
+                            check(o, r, p, TOLERANCE[want] if emit else tol, (x, z))
 
 
 def test_enhance_target_rules_by_hand():
@@ -167,7 +173,7 @@ def test_fd_target_matches_reference(device, lam, pair, transport):
             assert out.dtype == ct and out.shape == shape
             oracle = reference.fd_target(*(v.double() for v in (F_t, F_a, F_b, x, z, t)), transport, lam, 0.005)
             peer = reference.fd_target(F_t, F_a, F_b, x, z, t, transport, lam, 0.005)
-            check(out, oracle, peer, FD_TOLERANCE[dm if dd == dm else dd], (F_t,))
+            check(out, oracle, peer, FD_TOLERANCE[ct], (F_t,))
 
 
 def test_fd_target_formula_by_hand():
@@ -225,9 +231,7 @@ def test_ucgm_loss_matches_reference(device, pair, cosine):
     fd, td = pair
     gen = torch.Generator().manual_seed(seed(str(pair), cosine))
     ct = torch.float64 if td == torch.float64 else torch.float32
-    for batch, feat in LOSS_SHAPES:
-        if cosine and len(feat) < 1:
-            continue
+    for batch, feat in LOSS_SHAPES:  # every feature shape has a channel dimension (cosine needs one)
         shape = (batch,) + feat
         for noncontig in (False, True):
             for h, tw in ((0.0, False), (5.0, True), (0.3, False)):
@@ -391,7 +395,7 @@ class TestBadInput:
             ucgm_fast.enhance_target(x, x, x, None, t, "Linear", 1.0, (0.8, 0.2))
         with pytest.raises(ValueError, match="enhanced_range must be increasing"):
             ucgm_fast.enhance_target(x, x, x, None, t, "Linear", 1.0, (0.0, 1.5))
-        with pytest.raises(ValueError, match="num_dropped"):
+        with pytest.raises(ValueError, match="num_dropped must be an int in"):
             ucgm_fast.enhance_target(x, x, x, None, t, "Linear", 1.0, num_dropped=5)
         with pytest.raises(TypeError, match="ratio must be a finite float"):
             ucgm_fast.enhance_target(x, x, x, None, t, "Linear", float("nan"))
@@ -419,9 +423,9 @@ class TestBadInput:
             ucgm_fast.ucgm_loss(x, x.double(), t)
         with pytest.raises(ValueError, match="huber_eps must be >= 0"):
             ucgm_fast.ucgm_loss(x, x, t, -1.0)
-        with pytest.raises(ValueError, match="time_weighting"):
+        with pytest.raises(ValueError, match="time_weighting must be None, False, True or 'cosine'"):
             ucgm_fast.ucgm_loss(x, x, t, 0.0, False, "linear")
-        with pytest.raises(ValueError, match="channel dimension"):
+        with pytest.raises(ValueError, match="needs F with a channel dimension"):
             ucgm_fast.ucgm_loss(x[:, 0, 0], x[:, 0, 0], t, 0.0, True)
         with pytest.raises(TypeError, match="F has dtype torch.int64"):
             ucgm_fast.ucgm_loss(x.long(), x.long(), t)

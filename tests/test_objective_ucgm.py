@@ -103,6 +103,24 @@ def test_loss_matches_reference(lam, enhanced, transport):
             assert err <= bound, f"{dtype} h={h} cosine={cosine} tw={tw}: error {err:.3g} > {bound:.3g}"
 
 
+@pytest.mark.parametrize("transport", ["Linear", "TrigFlow"])
+@pytest.mark.parametrize("enhanced", [0.5, 1.0])
+def test_loss_matches_reference_lambda0_small_ratios(enhanced, transport):
+    """lambda = 0 below and at the remap threshold, which the matrix above skips: 0 < e < 1 is used as
+    given, e = 1 remaps to (e - 1)/e = 0 (no enhancement at all). Two loss settings, to stay cheap."""
+    x, z, y, t = BATCH
+    for h, cosine, tw in ((0.0, False, None), (5.0, True, "cosine")):
+        kw = dict(transport=transport, consistency_ratio=0.0, enhanced_ratio=enhanced, enhanced_range=(0.1, 0.6),
+                  label_drop_ratio=0.25, huber_eps=h, cosine_loss=cosine, time_weighting=tw)
+        oracle = loss_and_grads(reference.training_loss(M64, x, y, t, z, target_model=T64, **kw), M64)
+        for model, target, dtype, bound in ((M64, T64, torch.float64, 1e-9), (M32, T32, torch.float32, F32_BOUND[0.0])):
+            ucgm = ucgm_fast.UCGM(**kw, target_ema_decay=0.5)
+            use_target(ucgm, target)
+            loss = ucgm.loss(model, x.to(dtype), y, t=t.to(dtype), z=z.to(dtype))
+            err = max_rel_err(loss_and_grads(loss, model), oracle)
+            assert err <= bound, f"{dtype} h={h} cosine={cosine} tw={tw}: error {err:.3g} > {bound:.3g}"
+
+
 def test_reference_follows_published_formulas():
     """The oracle itself, on one case worked out from DESIGN.md by hand (Linear, lambda = 1, no enhancement)."""
     x, z, y, t = BATCH
@@ -437,17 +455,17 @@ class TestBadInput:
             (dict(consistency_ratio=-0.1), "consistency_ratio must be in"),
             (dict(enhanced_range=(0.75, 0.0)), "enhanced_range must be increasing"),
             (dict(enhanced_range=(0.5, 0.5)), "enhanced_range must be increasing"),
-            (dict(enhanced_range=(-0.1, 0.5)), "within"),
-            (dict(enhanced_range=(0.0, 1.2)), "within"),
-            (dict(enhanced_range=(0.1,)), "two numbers"),
+            (dict(enhanced_range=(-0.1, 0.5)), "must be increasing within"),
+            (dict(enhanced_range=(0.0, 1.2)), "must be increasing within"),
+            (dict(enhanced_range=(0.1,)), "enhanced_range must be two numbers"),
             (dict(fd_eps=0.0), "fd_eps must be > 0"),
             (dict(fd_eps=-1e-3), "fd_eps must be > 0"),
-            (dict(huber_eps=-1.0), "huber_eps"),
-            (dict(label_drop_ratio=1.0), "label_drop_ratio"),
-            (dict(target_ema_decay=1.5), "target_ema_decay"),
-            (dict(time_dist=(0.0, 1.0, 1.0)), "time_dist"),
-            (dict(time_weighting="linear"), "time_weighting"),
-            (dict(transport="Cosine"), "valid names"),
+            (dict(huber_eps=-1.0), "huber_eps must be >= 0"),
+            (dict(label_drop_ratio=1.0), "label_drop_ratio must be in"),
+            (dict(target_ema_decay=1.5), "target_ema_decay must be in"),
+            (dict(time_dist=(0.0, 1.0, 1.0)), r"time_dist \(a, b, c\) must be positive"),
+            (dict(time_weighting="linear"), "time_weighting must be None"),
+            (dict(transport="Cosine"), "unknown transport 'Cosine'"),
         ]:
             with pytest.raises(ValueError, match=match):
                 ucgm_fast.UCGM(**kwargs)
@@ -583,20 +601,32 @@ def test_cuda_graph_capture_of_the_loss(lam, enhanced):
         for _ in range(2):
             ucgm.loss(model, x, y, t=t, z=z).backward()
     torch.cuda.current_stream().wait_stream(side)
-    for p in model.parameters():
-        p.grad = None
+    params = list(model.parameters())
+    for p in params:
+        p.grad = None  # so the captured backward allocates the gradients in the graph's pool
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_loss = ucgm.loss(model, x, y, t=t, z=z)
         static_loss.backward()
-    graph.replay()
-    torch.cuda.synchronize()
-    eager = ucgm.loss(model, x, y, t=t, z=z)
-    assert torch.allclose(static_loss, eager, rtol=1e-5)
-    # New inputs copied into the captured buffers give the eager loss of those inputs.
+    static_grads = [p.grad for p in params]
+    assert all(g is not None for g in static_grads)
+
+    def check_replay():
+        # The loss and, since backward is captured too, every parameter gradient equal eager
+        # autograd's on the same inputs (torch.autograd.grad leaves the captured .grad alone).
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = ucgm.loss(model, x, y, t=t, z=z)
+        assert torch.allclose(static_loss, eager, rtol=1e-5)
+        eager_grads = torch.autograd.grad(eager, params)
+        assert all(p.grad is g for p, g in zip(params, static_grads))  # replay refills, never reallocates
+        assert max(float(g.abs().max()) for g in eager_grads) > 0
+        assert max_rel_err(static_grads, [g.double() for g in eager_grads]) < 1e-4
+
+    check_replay()
+    # New inputs copied into the captured buffers give the eager loss and gradients of those inputs.
     x.copy_(torch.randn_like(x))
-    graph.replay()
-    assert torch.allclose(static_loss, ucgm.loss(model, x, y, t=t, z=z), rtol=1e-5)
+    check_replay()
 
 
 def test_loss_compiles_fullgraph():

@@ -98,6 +98,23 @@ def test_time_grid_follows_published_rules():
     assert torch.allclose(g, torch.tensor([0.0, 1 / 3, 2 / 3, 0.0], dtype=torch.float64))
     g = reference.time_grid(3, 1, "ReLinear", (2.0, 1.0, 1.0), (0.0, 0.5))
     assert torch.allclose(g, torch.tensor([0.0, 0.0625, 0.25, 0.0], dtype=torch.float64))
+    # b != c: the Kumaraswamy map (1 - (1 - u^a)^b)^c written out from DESIGN.md, on
+    # u = linspace(0.1, 0.8, 4); Linear starts at the noise end t = 1 (flipped), ReLinear at 0.
+    a, b, c = 1.17, 0.8, 1.1
+    kuma = [(1 - (1 - u ** a) ** b) ** c for u in (0.1, 0.1 + 0.7 / 3, 0.1 + 1.4 / 3, 0.8)]
+    for tr, want in (("Linear", [1 - k for k in kuma]), ("ReLinear", kuma)):
+        g = reference.time_grid(4, 1, tr, (a, b, c), (0.1, 0.2))
+        assert torch.allclose(g, torch.tensor(want + [0.0], dtype=torch.float64), rtol=1e-12, atol=1e-14), tr
+    # The fused sampler calls the model on that grid (K = 4 steps, the last t' = 0 is never an input).
+    seen = []
+
+    def model(x, t, y=None):
+        seen.append(float(t[0]))
+        return torch.zeros_like(x)
+
+    ucgm_fast.sample(model, noise_like(), "Linear", 4, 1, 0.0, time_dist_ctrl=(a, b, c), rfba_gap_steps=(0.1, 0.2),
+                     state_dtype=torch.float64)
+    assert seen == pytest.approx([1 - k for k in kuma], rel=1e-12)
 
 
 def test_seed_reproducibility_and_trajectory():
@@ -265,28 +282,28 @@ def test_bad_input():
     model = GaussianDenoiser("Linear")
     noise = noise_like()
     for kwargs, exc, pattern in [
-        (dict(steps=0), ValueError, "steps"),
-        (dict(steps=2.5), ValueError, "steps"),
-        (dict(order=3), ValueError, "order"),
-        (dict(stochast_ratio=1.5), ValueError, "stochast_ratio"),
-        (dict(stochast_ratio=-0.1), ValueError, "stochast_ratio"),
-        (dict(stochast_ratio="sometimes"), ValueError, "stochast_ratio"),
-        (dict(extrapol_ratio=-0.5), ValueError, "extrapol_ratio"),
+        (dict(steps=0), ValueError, "steps must be an integer >= 1"),
+        (dict(steps=2.5), ValueError, "steps must be an integer >= 1"),
+        (dict(order=3), ValueError, "order must be 1 or 2"),
+        (dict(stochast_ratio=1.5), ValueError, "stochast_ratio must be in"),
+        (dict(stochast_ratio=-0.1), ValueError, "stochast_ratio must be in"),
+        (dict(stochast_ratio="sometimes"), ValueError, "stochast_ratio must be a number"),
+        (dict(extrapol_ratio=-0.5), ValueError, "extrapol_ratio must be >= 0"),
         (dict(rfba_gap_steps=(0.6, 0.4)), ValueError, "empty time interval"),
         (dict(rfba_gap_steps=(0.0, 1.0)), ValueError, "empty time interval"),
-        (dict(rfba_gap_steps=(0.1,)), ValueError, "rfba_gap_steps"),
+        (dict(rfba_gap_steps=(0.1,)), ValueError, "rfba_gap_steps must be a sequence of 2 numbers"),
         # Order 2 from the noise end: the correction would divide by gamma_in(1) = 0 (NaN as published).
         (dict(rfba_gap_steps=(0.0, 0.3), order=2, steps=4), ValueError, "gamma_in"),
-        (dict(time_dist_ctrl=(1.0, 0.0, 1.0)), ValueError, "time_dist_ctrl"),
-        (dict(cfg_scale=-1.0), ValueError, "cfg_scale"),
+        (dict(time_dist_ctrl=(1.0, 0.0, 1.0)), ValueError, r"time_dist_ctrl \(a, b, c\) must all be > 0"),
+        (dict(cfg_scale=-1.0), ValueError, "cfg_scale must be >= 0"),
         (dict(cfg_scale=2.0), ValueError, "needs class labels"),
-        (dict(cfg_interval=(0.8, 0.2)), ValueError, "cfg_interval"),
-        (dict(state_dtype=torch.float16), TypeError, "state_dtype"),
-        (dict(seed="a"), TypeError, "seed"),
+        (dict(cfg_interval=(0.8, 0.2)), ValueError, "cfg_interval must be"),
+        (dict(state_dtype=torch.float16), TypeError, "state_dtype must be torch.float32 or torch.float64"),
+        (dict(seed="a"), TypeError, "seed must be an int"),
         (dict(y=torch.tensor([1, 2])), ValueError, "y must"),
         (dict(y=torch.tensor([1.0, 2.0, 3.0])), TypeError, "integer class labels"),
-        (dict(cuda_graph=True), ValueError, "cuda_graph"),
-        (dict(transport="Nope"), ValueError, "transport"),
+        (dict(cuda_graph=True), ValueError, "cuda_graph=True needs CUDA noise"),
+        (dict(transport="Nope"), ValueError, "unknown transport 'Nope'"),
     ]:
         with pytest.raises(exc, match=pattern):
             ucgm_fast.sample(model, noise, **kwargs)
@@ -299,9 +316,9 @@ def test_bad_input():
     for bad in (lambda x, t: x.to("meta"), lambda x, t: x.to(torch.int32)):
         with pytest.raises(ValueError, match="floating tensor on the input's device"):
             ucgm_fast.sample(bad, noise)
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(ValueError, match="needs model.num_classes"):
         ucgm_fast.sample(lambda x, t, y: x, noise, cfg_scale=2.0, y=torch.tensor([1, 2, 3]))
-    with pytest.raises(TypeError, match="noise"):
+    with pytest.raises(TypeError, match="noise has dtype torch.int64"):
         ucgm_fast.sample(model, noise.long())
     # gamma_in never vanishes on the grid of these: order 2 from g0 = 0 is fine.
     for tr in ("TrigFlow", "EDM"):

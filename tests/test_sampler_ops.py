@@ -1,6 +1,7 @@
 """sampler_step / sampler_correct / sampler_noise: fused kernels vs the float64 eager reference,
 Philox known answers, noise statistics, opcheck, torch.compile and bad input."""
 import math
+import zlib
 
 import pytest
 import torch
@@ -112,8 +113,10 @@ def test_noise_statistics():
 # ---------------------------------------------------------------------------------------------
 
 def step_tolerance(state, model):
-    # The kernels compute in float64; what is left is the rounding of the stored state / inputs.
-    return 1e-12 if state == torch.float64 and model == torch.float64 else 4e-7
+    # The kernels compute in float64; what is left is the rounding of the stored state. A 16/32-bit
+    # model output is exact in float64, so with a float64 state the bound is float64's whatever the
+    # model dtype (a float32 bound there let float32 arithmetic for float64 state pass).
+    return 1e-12 if state == torch.float64 else 4e-7
 
 
 # Every transport with the two common dtype pairs; every other (state, model) pair on two transports.
@@ -126,7 +129,7 @@ STEP_CASES += [(tr, st, md) for tr in ("Linear", "EDM") for st in STATE_DTYPES f
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("transport,state,model", STEP_CASES)
 def test_step_matches_reference(device, transport, state, model):
-    gen = torch.Generator().manual_seed(hash((transport, str(state), str(model))) % 2 ** 31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((transport, str(state), str(model))).encode()))
     t, t1 = times(transport)
     for shape in SHAPES:
         for noncontig in (False, True):
@@ -292,26 +295,26 @@ def test_cuda_step_matches_cpu(state):
 def test_bad_input():
     x = torch.randn(2, 3)
     F = torch.randn(2, 3)
-    with pytest.raises(TypeError, match="state"):
+    with pytest.raises(TypeError, match="the sampler state must be float32 or float64"):
         ucgm_fast.sampler_step(F, x.half(), 0.5, 0.2, "Linear")
     with pytest.raises(ValueError, match="F has shape"):
         ucgm_fast.sampler_step(torch.randn(2, 4), x, 0.5, 0.2, "Linear")
-    with pytest.raises(ValueError, match="stochast_ratio"):
+    with pytest.raises(ValueError, match="stochast_ratio must be in"):
         ucgm_fast.sampler_step(F, x, 0.5, 0.2, "Linear", stochast_ratio=1.5)
-    with pytest.raises(ValueError, match="extrapol_ratio"):
+    with pytest.raises(ValueError, match="extrapol_ratio must be in"):
         ucgm_fast.sampler_step(F, x, 0.5, 0.2, "Linear", extrapol_ratio=-0.1)
-    with pytest.raises(ValueError, match="x_prev"):
+    with pytest.raises(ValueError, match="needs the buffers x_prev and z_prev"):
         ucgm_fast.sampler_step(F, x, 0.5, 0.2, "Linear", extrapol_ratio=0.5)
-    with pytest.raises(ValueError, match="z_prev"):
+    with pytest.raises(ValueError, match="z_prev must be a tensor shaped, typed and placed like x"):
         ucgm_fast.sampler_step(F, x, 0.5, 0.2, "Linear", extrapol_ratio=0.5, x_prev=torch.zeros(2, 3),
                                z_prev=torch.zeros(2, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="step"):
+    with pytest.raises(ValueError, match="step must be an int in"):
         ucgm_fast.sampler_step(F, x, 0.5, 0.2, "Linear", step=-1)
-    with pytest.raises(TypeError, match="seed"):
+    with pytest.raises(TypeError, match="seed must be an int"):
         ucgm_fast.sampler_step(F, x, 0.5, 0.2, "Linear", seed=1.5)
-    with pytest.raises(ValueError, match="transport"):
+    with pytest.raises(ValueError, match="unknown transport 'Nope'"):
         ucgm_fast.sampler_step(F, x, 0.5, 0.2, "Nope")
-    with pytest.raises(ValueError, match="z_hat"):
+    with pytest.raises(ValueError, match="z_hat must be a tensor shaped, typed and placed like x"):
         ucgm_fast.sampler_correct(F, x, x, x[:1], 0.5, 0.2, "Linear")
     # Buffers updated in place may not share memory with each other, x or F (results depended on
     # which kernel path ran: element-wise read-then-write is not the reference's read-all-first).
