@@ -64,3 +64,31 @@ def batch_times(op: str, t, like: torch.Tensor, name: str = "t") -> torch.Tensor
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}; expected a float, a 0-d tensor, (B,) or "
                          f"(B, 1, ..., 1) with B = {batch} (the data's batch size)")
     return t.reshape(batch).to(dtype)
+
+
+def check_raw(op: str, like: torch.Tensor, same=(), shaped=(), rows=()) -> None:
+    """What keeps a raw ``torch.ops.ucgm_fast.<op>`` call inside its tensors' memory.
+
+    The public functions check their arguments (with friendlier messages) and run the kernels
+    directly; these checks run where the registered op itself is called (torch.compile'd code,
+    torch.ops by hand), which hands the kernels raw pointers. ``same``: tensors (None skipped)
+    with like's shape and dtype; ``shaped``: like's shape, any kernel dtype; ``rows``: floating
+    (B,) tensors, B = like.shape[0]. All on like's device.
+    """
+    if like.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"ucgm_fast::{op}: {like.dtype} data; the kernels read {FLOAT_DTYPES}")
+    for kind, group in (("same", same), ("shaped", shaped), ("rows", rows)):
+        for v in group:
+            if v is None:
+                continue
+            if v.device != like.device:
+                raise ValueError(f"ucgm_fast::{op}: a tensor on {v.device}, the data on {like.device}")
+            if v.dtype not in FLOAT_DTYPES or (kind == "same" and v.dtype != like.dtype):
+                raise TypeError(f"ucgm_fast::{op}: a {v.dtype} tensor beside {like.dtype} data")
+            if kind == "rows":
+                if v.dim() != 1 or v.shape[0] != like.shape[0]:
+                    raise ValueError(f"ucgm_fast::{op}: per-row tensor of shape {tuple(v.shape)}; expected "
+                                     f"({like.shape[0]},)")
+            elif v.shape != like.shape:
+                raise ValueError(f"ucgm_fast::{op}: tensor of shape {tuple(v.shape)} beside data of shape "
+                                 f"{tuple(like.shape)}")

@@ -17,7 +17,7 @@ import torch
 
 from ..reference import objective as reference
 from .._kernels import DTYPE_CODE, Kernel, _C, eager_fast_path, needs_reference, plain_eager
-from .._validate import FLOAT_DTYPES, batch_times, check_data, compute_dtype
+from .._validate import FLOAT_DTYPES, batch_times, check_data, check_raw, compute_dtype
 from ..transports import TRANSPORTS, get_transport
 
 __all__ = ["enhance_target", "fd_inputs", "fd_target", "ucgm_loss"]
@@ -91,7 +91,13 @@ def _enhance_fake(x, z, F_w, F_wo, t, ndrop, ratio, lo, hi, transport, emit_targ
         torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
-torch.library.impl(f"{_NS}::enhance_target", ("CPU", "CUDA"), _enhance_kernel)
+def _enhance_op(x, z, F_w, F_wo, t, ndrop, ratio, lo, hi, transport, emit_target):
+    check_raw("enhance_target", x, same=(z,), shaped=(F_w, F_wo), rows=(t,))
+    check_raw("enhance_target", F_w, same=(F_wo,))
+    return _enhance_kernel(x, z, F_w, F_wo, t, ndrop, ratio, lo, hi, transport, emit_target)
+
+
+torch.library.impl(f"{_NS}::enhance_target", ("CPU", "CUDA"), _enhance_op)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +134,12 @@ def _fd_inputs_fake(x, z, t, lam, eps, transport):
         x.new_empty((k * x.shape[0],), dtype=compute_dtype(x.dtype))
 
 
-torch.library.impl(f"{_NS}::fd_inputs", ("CPU", "CUDA"), _fd_inputs_kernel)
+def _fd_inputs_op(x, z, t, lam, eps, transport):
+    check_raw("fd_inputs", x, same=(z,), rows=(t,))
+    return _fd_inputs_kernel(x, z, t, lam, eps, transport)
+
+
+torch.library.impl(f"{_NS}::fd_inputs", ("CPU", "CUDA"), _fd_inputs_op)
 
 torch.library.define(
     f"{_NS}::fd_target",
@@ -153,7 +164,13 @@ def _fd_target_fake(F_t, F_a, F_b, x, z, t, lam, eps, transport):
     return x.new_empty(x.shape, dtype=compute_dtype(x.dtype))
 
 
-torch.library.impl(f"{_NS}::fd_target", ("CPU", "CUDA"), _fd_target_kernel)
+def _fd_target_op(F_t, F_a, F_b, x, z, t, lam, eps, transport):
+    check_raw("fd_target", x, same=(z,), shaped=(F_t, F_a, F_b), rows=(t,))
+    check_raw("fd_target", F_t, same=(F_a, F_b))
+    return _fd_target_kernel(F_t, F_a, F_b, x, z, t, lam, eps, transport)
+
+
+torch.library.impl(f"{_NS}::fd_target", ("CPU", "CUDA"), _fd_target_op)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,8 +236,21 @@ def _loss_backward_fake(grad, F, target, t, root, cosine, time_weighting, target
     return torch.empty_like(F, memory_format=torch.contiguous_format), gT
 
 
-torch.library.impl(f"{_NS}::ucgm_loss", ("CPU", "CUDA"), _loss_kernel)
-torch.library.impl(f"{_NS}::ucgm_loss_backward", ("CPU", "CUDA"), _loss_backward_kernel)
+def _loss_op(F, target, t, huber_eps, cosine, time_weighting):
+    check_raw("ucgm_loss", F, shaped=(target,), rows=(t,))
+    return _loss_kernel(F, target, t, huber_eps, cosine, time_weighting)
+
+
+def _loss_backward_op(grad, F, target, t, root, cosine, time_weighting, target_grad):
+    check_raw("ucgm_loss_backward", F, shaped=(target,), rows=(t, root))
+    if grad.numel() != 1 or root.dtype != compute_dtype(target.dtype):
+        raise ValueError("ucgm_fast::ucgm_loss_backward: grad must hold one value and root the forward's "
+                         f"{compute_dtype(target.dtype)} (B,) output")
+    return _loss_backward_kernel(grad, F, target, t, root, cosine, time_weighting, target_grad)
+
+
+torch.library.impl(f"{_NS}::ucgm_loss", ("CPU", "CUDA"), _loss_op)
+torch.library.impl(f"{_NS}::ucgm_loss_backward", ("CPU", "CUDA"), _loss_backward_op)
 
 
 def _loss_setup_context(ctx, inputs, output):

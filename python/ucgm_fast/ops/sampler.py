@@ -15,7 +15,7 @@ import torch
 
 from ..reference import sampler as reference
 from .._kernels import DTYPE_CODE, Kernel, eager_fast_path
-from .._validate import FLOAT_DTYPES
+from .._validate import FLOAT_DTYPES, check_raw
 from ..transports import TRANSPORTS, get_transport
 
 __all__ = ["sampler_step", "sampler_correct", "sampler_noise"]
@@ -39,7 +39,8 @@ def _empty0(like: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels behind the ops (raw: no validation beyond what keeps the kernel in bounds)
+# Kernels behind the ops, unchecked: the public functions validate their arguments first, and the
+# registered ops (_step_op, ... below) check what keeps a raw torch.ops call in bounds
 # ---------------------------------------------------------------------------------------------
 
 def _step_impl(F, x, x_prev, z_prev, sched, seed, step: int, transport: int, extrapol_mode: int, hats: bool):
@@ -52,8 +53,6 @@ def _step_impl(F, x, x_prev, z_prev, sched, seed, step: int, transport: int, ext
         return _step_fallback(F, x, x_prev, z_prev, sched, seed, step, transport, mode, x_next, x_hat, z_hat, hats)
     n = x.numel()
     if n:
-        if mode != EXTRAPOL_OFF:
-            assert x_prev.is_contiguous() and z_prev.is_contiguous()
         _STEP(x, DTYPE_CODE[x.dtype], DTYPE_CODE[F.dtype], F.data_ptr(), x.data_ptr(),
               x_prev.data_ptr() if mode else 0, z_prev.data_ptr() if mode else 0, sched.data_ptr(), seed.data_ptr(),
               n, step, transport, mode, x_next.data_ptr(), x_hat.data_ptr() if hats else 0,
@@ -103,7 +102,25 @@ torch.library.define(
     f"{_NS}::sampler_step",
     "(Tensor F, Tensor x, Tensor(a!) x_prev, Tensor(b!) z_prev, Tensor sched, Tensor seed, int step, int transport, "
     "int extrapol_mode, bool hats) -> (Tensor, Tensor, Tensor)")
-torch.library.impl(f"{_NS}::sampler_step", ("CPU", "CUDA"), _step_impl)
+def _check_schedule(op, x, sched, seed=None):
+    if sched.device != x.device or sched.dtype != torch.float64 or sched.numel() < 4 or not sched.is_contiguous():
+        raise ValueError(f"ucgm_fast::{op}: sched must be 4 contiguous float64 values on {x.device}")
+    if seed is not None and (seed.device != x.device or seed.dtype != torch.int64 or seed.numel() < 1):
+        raise ValueError(f"ucgm_fast::{op}: seed must be an int64 tensor on {x.device}")
+
+
+def _step_op(F, x, x_prev, z_prev, sched, seed, step, transport, extrapol_mode, hats):
+    check_raw("sampler_step", x, shaped=(F,))
+    _check_schedule("sampler_step", x, sched, seed)
+    if extrapol_mode:
+        for buf in (x_prev, z_prev):
+            if buf.device != x.device or buf.dtype != x.dtype or buf.numel() != x.numel() or not buf.is_contiguous():
+                raise ValueError(f"ucgm_fast::sampler_step: x_prev / z_prev must be contiguous, with x's "
+                                 f"{x.numel()} elements, dtype {x.dtype} and device")
+    return _step_impl(F, x, x_prev, z_prev, sched, seed, step, transport, extrapol_mode, hats)
+
+
+torch.library.impl(f"{_NS}::sampler_step", ("CPU", "CUDA"), _step_op)
 
 
 @torch.library.register_fake(f"{_NS}::sampler_step")
@@ -116,7 +133,13 @@ def _step_fake(F, x, x_prev, z_prev, sched, seed, step, transport, extrapol_mode
 
 torch.library.define(f"{_NS}::sampler_correct",
                      "(Tensor F, Tensor x_next, Tensor x, Tensor z_hat, Tensor sched, int transport) -> Tensor")
-torch.library.impl(f"{_NS}::sampler_correct", ("CPU", "CUDA"), _correct_impl)
+def _correct_op(F, x_next, x, z_hat, sched, transport):
+    check_raw("sampler_correct", x, same=(x_next,), shaped=(F, z_hat))
+    _check_schedule("sampler_correct", x, sched)
+    return _correct_impl(F, x_next, x, z_hat, sched, transport)
+
+
+torch.library.impl(f"{_NS}::sampler_correct", ("CPU", "CUDA"), _correct_op)
 
 
 @torch.library.register_fake(f"{_NS}::sampler_correct")
@@ -125,7 +148,13 @@ def _correct_fake(F, x_next, x, z_hat, sched, transport):
 
 
 torch.library.define(f"{_NS}::philox_noise", "(Tensor seed, int step, int numel, bool raw) -> Tensor")
-torch.library.impl(f"{_NS}::philox_noise", ("CPU", "CUDA"), _philox_impl)
+def _philox_op(seed, step, numel, raw):
+    if seed.dtype != torch.int64 or seed.numel() < 1 or numel < 0:
+        raise ValueError("ucgm_fast::philox_noise: seed must be an int64 tensor and numel >= 0")
+    return _philox_impl(seed, step, numel, raw)
+
+
+torch.library.impl(f"{_NS}::philox_noise", ("CPU", "CUDA"), _philox_op)
 
 
 @torch.library.register_fake(f"{_NS}::philox_noise")

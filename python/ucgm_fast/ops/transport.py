@@ -11,7 +11,7 @@ import torch
 
 from ..reference import transport as reference
 from .._kernels import DTYPE_CODE, Kernel, eager_fast_path, needs_reference, plain_eager
-from .._validate import batch_times, check_data, compute_dtype
+from .._validate import FLOAT_DTYPES, batch_times, check_data, check_raw, compute_dtype
 from ..transports import TRANSPORTS, get_transport
 
 __all__ = ["coefficients", "interpolate", "decode"]
@@ -49,6 +49,7 @@ def _mix(u: torch.Tensor, v: torch.Tensor, t: torch.Tensor, transport: int, mode
 
 def _mix_kernel(mode: int):
     def kernel(u: torch.Tensor, v: torch.Tensor, t: torch.Tensor, transport: int):
+        check_raw(_OP_NAME[mode], u, same=(v,), rows=(t,))
         return _mix(u, v, t, transport, mode)
     return kernel
 
@@ -135,7 +136,12 @@ def _coefficients_fake(t, transport):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for _ in range(4))
 
 
-torch.library.impl(f"{_NS}::coefficients", ("CPU", "CUDA"), _coefficients_kernel)
+def _coefficients_op(t: torch.Tensor, transport: int):
+    check_raw("coefficients", t)
+    return _coefficients_kernel(t, transport)
+
+
+torch.library.impl(f"{_NS}::coefficients", ("CPU", "CUDA"), _coefficients_op)
 torch.library.register_fake(f"{_NS}::coefficients", _coefficients_fake)
 
 
@@ -188,8 +194,8 @@ def coefficients(t, transport):
         if isinstance(t, bool) or not isinstance(t, (int, float)):
             raise TypeError(f"coefficients: t must be a float or a floating tensor, got {type(t).__name__}")
         t = torch.tensor(float(t), dtype=torch.float32)
-    if not t.is_floating_point():
-        raise TypeError(f"coefficients: t has dtype {t.dtype}; expected a floating dtype")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"coefficients: t has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
     if tr.id is None or needs_reference(t):
         return reference.coefficients(t, tr)
     if eager_fast_path(t):
