@@ -58,12 +58,16 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", _current_stream_han
 
 
 def plain_eager(*tensors: torch.Tensor) -> bool:
-    """True outside torch.compile and torch.func transforms, for plain tensors (no subclasses).
+    """True outside torch.compile, torch.func transforms, dispatch modes (make_fx, FlopCounterMode)
+    and the torch.jit tracer, for plain tensors (no subclasses).
 
-    Such calls may run the kernels without the dispatcher (the kernels take raw pointers);
-    anything else goes through the torch.library op, which tracing and transforms understand.
+    Such calls may run the kernels without the dispatcher (the kernels take raw pointers, which a
+    mode or tracer cannot see: its graph would hold only the empty outputs); anything else goes
+    through the torch.library op, which tracing and transforms understand.
     """
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._get_tracing_state() is not None:
         return False
     return all(type(x) is torch.Tensor for x in tensors)
 
