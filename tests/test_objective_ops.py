@@ -429,3 +429,15 @@ class TestBadInput:
             ucgm_fast.ucgm_loss(x[:, 0, 0], x[:, 0, 0], t, 0.0, True)
         with pytest.raises(TypeError, match="F has dtype torch.int64"):
             ucgm_fast.ucgm_loss(x.long(), x.long(), t)
+
+
+def test_objective_op_outputs_are_constants():
+    # Targets and finite-difference inputs feed no-grad passes and the loss as constants: with inputs
+    # that require grad (t included) the outputs say so by not requiring grad, rather than claiming a
+    # gradient that backward would then drop.
+    x, z = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    t = torch.rand(3, requires_grad=True)
+    outs = [*ucgm_fast.fd_inputs(x, z, t, "EDM", 1.0), *ucgm_fast.enhance_target(x, z, z, None, t, "EDM", 1.5),
+            ucgm_fast.enhance_target(x, z, z, x, t, "EDM", 1.5, return_target=True),
+            ucgm_fast.fd_target(z, z, x, x, z, t, "EDM", 0.5)]
+    assert not any(o.requires_grad for o in outs)

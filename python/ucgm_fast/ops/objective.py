@@ -409,7 +409,7 @@ def enhance_target(x, z, F_w, F_wo, t, transport, ratio, enhanced_range=(0.0, 0.
 # directly, since at training sizes the checks cost as much host time as the kernels.
 
 def _enhance(x, z, F_w, F_wo, tt, tr, e, lo, hi, ndrop, return_target):
-    args = (x.detach(), z.detach(), F_w.detach(), None if F_wo is None else F_wo.detach(), tt)
+    args = (x.detach(), z.detach(), F_w.detach(), None if F_wo is None else F_wo.detach(), tt.detach())
     if tr.id is None:
         out = reference.enhance_target_op(*args, ndrop, e, lo, hi, tr, return_target)
     elif eager_fast_path(*args[:3], tt):
@@ -441,7 +441,8 @@ def fd_inputs(x, z, t, transport, consistency_ratio, fd_eps=0.005):
     Returns
     -------
     (inputs, times) : tuple of Tensor
-        Model inputs (k B, ...) in x's dtype and their times (k B,) in the compute dtype.
+        Model inputs (k B, ...) in x's dtype and their times (k B,) in the compute dtype: constants
+        (no gradient flows through them), as the passes they feed run without gradients.
     """
     op = "fd_inputs"
     tr = get_transport(transport)
@@ -451,6 +452,7 @@ def fd_inputs(x, z, t, transport, consistency_ratio, fd_eps=0.005):
 
 
 def _fd_inputs(x, z, tt, tr, lam, eps):
+    x, z, tt = x.detach(), z.detach(), tt.detach()  # inputs of no-grad model passes: constants
     if tr.id is None:
         return reference.fd_inputs_op(x, z, tt, lam, eps, tr)
     if eager_fast_path(x, z, tt):
@@ -500,7 +502,7 @@ def fd_target(F_t, F_a, F_b, x, z, t, transport, consistency_ratio, fd_eps=0.005
 
 
 def _fd_target(F_t, F_a, F_b, x, z, tt, tr, lam, eps):
-    args = tuple(v.detach() for v in (F_t, F_a, F_b, x, z)) + (tt,)
+    args = tuple(v.detach() for v in (F_t, F_a, F_b, x, z, tt))
     if tr.id is None:
         return reference.fd_target_op(*args, lam, eps, tr)
     if eager_fast_path(*args):
