@@ -141,3 +141,23 @@ def test_every_op_has_its_cpu_kernel():
     for k in kernels:
         assert k.cpu is not None, f"no CPU kernel for {k.name}"
         assert (k.cuda is not None) == cuda_built, f"CUDA kernel of {k.name}: built {cuda_built}"
+
+
+def test_fallback_outputs_keep_the_ops_contract(without_kernels):
+    # What the fakes promise (fresh contiguous outputs) must hold on the fallback too, or torch.compile
+    # fails its stride asserts on a GPU the build has no code for. Inputs: transposed views, and a
+    # Linear t, which the reference returns itself as alpha_in.
+    x, z, F, G, t = _data(torch.float64, (5, 4, 3))
+    x, z, F, G = (v.transpose(1, 2) for v in (x, z, F, G))
+    ops = torch.ops.ucgm_fast
+    calls = [(ops.interpolate, (x, z, t, 0)), (ops.decode_backward, (x, z, t, 4)), (ops.coefficients, (t, 0)),
+             (ops.enhance_target, (x, z, F, G, t, 1, 1.5, 0.0, 0.75, 4, False)),
+             (ops.fd_inputs, (x, z, t, 1.0, 0.005, 4)), (ops.fd_target, (F, G, F, x, z, t, 0.5, 0.005, 4)),
+             (ops.ucgm_loss, (F, G, t, 0.5, True, True))]
+
+    def run():
+        for op, args in calls:
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        return torch.zeros(())
+
+    without_kernels(run)

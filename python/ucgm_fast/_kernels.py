@@ -72,6 +72,19 @@ def plain_eager(*tensors: torch.Tensor) -> bool:
     return all(type(x) is torch.Tensor for x in tensors)
 
 
+def fresh_outputs(outs, *inputs):
+    """The eager reference's outputs (the fallback where no kernel runs) as the op's fake promises:
+    contiguous, and aliasing no input (the reference keeps an input's layout, and returns t itself
+    for a coefficient equal to t)."""
+    storages = {i.untyped_storage().data_ptr() for i in inputs if isinstance(i, torch.Tensor) and i.numel()}
+
+    def fresh(o):
+        if o.is_contiguous() and not (o.numel() and o.untyped_storage().data_ptr() in storages):
+            return o
+        return o.clone(memory_format=torch.contiguous_format)
+    return fresh(outs) if isinstance(outs, torch.Tensor) else tuple(fresh(o) for o in outs)
+
+
 def _forward_ad_level() -> int:
     # torch.autograd.forward_ad keeps the innermost open dual level here (-1: none).
     return getattr(torch.autograd.forward_ad, "_current_level", -1)

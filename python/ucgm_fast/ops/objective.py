@@ -16,7 +16,7 @@ import math
 import torch
 
 from ..reference import objective as reference
-from .._kernels import DTYPE_CODE, Kernel, _C, eager_fast_path, needs_reference, plain_eager
+from .._kernels import DTYPE_CODE, Kernel, _C, eager_fast_path, fresh_outputs, needs_reference, plain_eager
 from .._validate import FLOAT_DTYPES, batch_times, check_data, check_raw, compute_dtype
 from ..transports import TRANSPORTS, get_transport
 
@@ -64,8 +64,8 @@ torch.library.define(
 
 def _enhance_kernel(x, z, F_w, F_wo, t, ndrop, ratio, lo, hi, transport, emit_target):
     if not _ENHANCE.available(x):
-        return reference.enhance_target_op(x, z, F_w, F_wo, t, ndrop, ratio, lo, hi, TRANSPORTS[transport],
-                                           emit_target)
+        return fresh_outputs(reference.enhance_target_op(x, z, F_w, F_wo, t, ndrop, ratio, lo, hi,
+                                                         TRANSPORTS[transport], emit_target), x, z, F_w, F_wo)
     x, z, F_w = _contig(x), _contig(z), _contig(F_w)
     F_wo = None if F_wo is None else _contig(F_wo)
     t = _times(t, x)
@@ -114,7 +114,7 @@ def _passes(lam: float) -> int:
 
 def _fd_inputs_kernel(x, z, t, lam, eps, transport):
     if not _FD_INPUTS.available(x):
-        return reference.fd_inputs_op(x, z, t, lam, eps, TRANSPORTS[transport])
+        return fresh_outputs(reference.fd_inputs_op(x, z, t, lam, eps, TRANSPORTS[transport]), x, z, t)
     x, z, t = _contig(x), _contig(z), _times(t, x)
     k = _passes(lam)
     out = torch.empty((k * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
@@ -148,7 +148,8 @@ torch.library.define(
 
 def _fd_target_kernel(F_t, F_a, F_b, x, z, t, lam, eps, transport):
     if not _FD_TARGET.available(x):
-        return reference.fd_target_op(F_t, F_a, F_b, x, z, t, lam, eps, TRANSPORTS[transport])
+        return fresh_outputs(reference.fd_target_op(F_t, F_a, F_b, x, z, t, lam, eps, TRANSPORTS[transport]),
+                             F_t, F_a, F_b, x, z)
     F_t, F_a, F_b, x, z = (_contig(v) for v in (F_t, F_a, F_b, x, z))
     t = _times(t, x)
     out = torch.empty(x.shape, dtype=compute_dtype(x.dtype), device=x.device)
@@ -207,7 +208,8 @@ def _loss_kernel(F, target, t, huber_eps, cosine, time_weighting):
 
 def _loss_backward_kernel(grad, F, target, t, root, cosine, time_weighting, target_grad):
     if not _LOSS_BACKWARD.available(F):
-        return reference.ucgm_loss_backward_op(grad, F, target, t, root, cosine, time_weighting, target_grad)
+        return fresh_outputs(reference.ucgm_loss_backward_op(grad, F, target, t, root, cosine, time_weighting,
+                                                             target_grad), F, target)
     F, target, root = _contig(F), _contig(target), _contig(root)
     t = _times(t, target)
     ct = compute_dtype(target.dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import transport as reference
-from .._kernels import DTYPE_CODE, Kernel, eager_fast_path, needs_reference, plain_eager
+from .._kernels import DTYPE_CODE, Kernel, eager_fast_path, fresh_outputs, needs_reference, plain_eager
 from .._validate import FLOAT_DTYPES, batch_times, check_data, check_raw, compute_dtype
 from ..transports import TRANSPORTS, get_transport
 
@@ -30,7 +30,7 @@ _COEFFICIENTS = Kernel("coefficients")
 def _mix(u: torch.Tensor, v: torch.Tensor, t: torch.Tensor, transport: int, mode: int):
     """(out1, out2) = M(t[row]) (u, v) per element (M: MixMode of transport.h); t is (B,)."""
     if not _MIX.available(u):
-        return _REFERENCE[mode](u, v, t, TRANSPORTS[transport])
+        return fresh_outputs(_REFERENCE[mode](u, v, t, TRANSPORTS[transport]), u, v, t)
     if not u.is_contiguous():
         u = u.contiguous()
     if not v.is_contiguous():
@@ -124,7 +124,7 @@ torch.library.define(f"{_NS}::coefficients", "(Tensor t, int transport) -> (Tens
 
 def _coefficients_kernel(t: torch.Tensor, transport: int):
     if not _COEFFICIENTS.available(t):
-        return reference.coefficients(t, TRANSPORTS[transport])
+        return fresh_outputs(reference.coefficients(t, TRANSPORTS[transport]), t)
     t = t.contiguous()
     out = [torch.empty_like(t) for _ in range(4)]
     if t.numel():
