@@ -441,3 +441,22 @@ def test_objective_op_outputs_are_constants():
             ucgm_fast.enhance_target(x, z, z, x, t, "EDM", 1.5, return_target=True),
             ucgm_fast.fd_target(z, z, x, x, z, t, "EDM", 0.5)]
     assert not any(o.requires_grad for o in outs)
+
+
+@pytest.mark.parametrize("compiled_path", [False, True], ids=["eager", "op"])
+def test_backward_through_times_and_targets_made_under_inference_mode(compiled_path):
+    with torch.inference_mode():
+        t, target = torch.rand(3), torch.randn(3, 4)
+    w = torch.ones(1, requires_grad=True)
+    x = torch.randn(3, 4)
+    if compiled_path:  # through the dispatcher, as torch.compile'd code runs the ops
+        losses = [torch.ops.ucgm_fast.ucgm_loss(x * w, target, t, 0.5, False, True)[0],
+                  torch.ops.ucgm_fast.decode(x * w, x, t, ucgm_fast.TRANSPORTS.index("EDM"))[0].sum()]
+    else:
+        losses = [ucgm_fast.ucgm_loss(x * w, target, t, 0.5, time_weighting=True),
+                  ucgm_fast.decode(x * w, x, t, "EDM")[0].sum()]
+    for loss, ref in zip(losses, [reference.ucgm_loss(x * w, target, t, 0.5, time_weighting=True),
+                                  reference.decode(x * w, x, t, "EDM")[0].sum()]):
+        g, = torch.autograd.grad(loss, w)
+        g_ref, = torch.autograd.grad(ref, w)
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)

@@ -257,6 +257,9 @@ torch.library.impl(f"{_NS}::ucgm_loss_backward", ("CPU", "CUDA"), _loss_backward
 
 def _loss_setup_context(ctx, inputs, output):
     F, target, t, huber_eps, cosine, time_weighting = inputs
+    # Tensors made under torch.inference_mode cannot be saved for backward (the reference, which
+    # saves what autograd needs itself, accepts them): such inputs are saved as copies.
+    F, target, t = (v.clone() if v.is_inference() else v for v in (F, target, t))
     ctx.save_for_backward(F, target, t, output[1])
     ctx.huber_eps, ctx.cosine, ctx.time_weighting = huber_eps, cosine, time_weighting
     ctx.mark_non_differentiable(output[1])

@@ -90,8 +90,13 @@ def _mix_backward(mode: int, g1, g2, t, transport: int):
     return getattr(torch.ops.ucgm_fast, _OP_NAME[adjoint])(g1, g2, t, transport)
 
 
+def _saved_t(t: torch.Tensor) -> torch.Tensor:
+    # A t made under torch.inference_mode cannot be saved for backward: its B numbers are copied.
+    return t.clone() if t.is_inference() else t
+
+
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[2])
+    ctx.save_for_backward(_saved_t(inputs[2]))
     ctx.transport = inputs[3]
 
 
@@ -111,7 +116,7 @@ class _EagerMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, v, t, transport, mode):
-        ctx.save_for_backward(t)
+        ctx.save_for_backward(_saved_t(t))
         ctx.transport, ctx.mode = transport, mode
         return _mix(u, v, t, transport, mode)
 
