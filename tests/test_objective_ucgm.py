@@ -645,6 +645,27 @@ def test_loss_compiles_fullgraph():
     assert max_rel_err(grads, [r.double() for r in ref]) < 1e-4
 
 
+def test_compiled_loss_with_a_dynamic_batch_compiles_once():
+    """The number of dropped labels, round(p B), is symbolic with the batch: a new batch size (an
+    epoch's last batch) neither recompiles nor, past the cache limit, falls back to eager."""
+    torch._dynamo.reset()
+    model = copy.deepcopy(M32)
+    ucgm = ucgm_fast.UCGM("Linear", 1.0, 2.0, label_drop_ratio=0.25)
+    x, z, y, t = (v.float() if v.is_floating_point() else v for v in BATCH)
+    ucgm.loss(model, x, y, t=t, z=z)  # the target network copy, made outside the compiled region
+    compiled = torch.compile(lambda x, y, t, z: ucgm.loss(model, x, y, t=t, z=z), fullgraph=True, dynamic=True)
+
+
+    def check(B):
+        xb, zb, yb, tb = (torch.cat([v] * 4)[:B] for v in (x, z, y, t))
+        assert torch.allclose(compiled(xb, yb, tb, zb), ucgm.loss(model, xb, yb, t=tb, z=zb), rtol=1e-5)
+
+    check(8)  # compiles; drops 2 labels. The test model's conv guards 8 <= B <= 15 itself.
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for B in (11, 14):  # drop 3 and 4 labels
+            check(B)
+
+
 @pytest.mark.slow
 def test_loss_with_sampled_times_compiles_fullgraph():
     """t ~ Beta(a, b) c and z ~ N(0, I) drawn inside the compiled graph too (lambda = 0, EMA target)."""

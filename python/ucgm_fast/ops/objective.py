@@ -58,7 +58,7 @@ def _loss_layout(F: torch.Tensor, cosine: bool):
 
 torch.library.define(
     f"{_NS}::enhance_target",
-    "(Tensor x, Tensor z, Tensor F_w, Tensor? F_wo, Tensor t, int ndrop, float ratio, float lo, float hi, "
+    "(Tensor x, Tensor z, Tensor F_w, Tensor? F_wo, Tensor t, SymInt ndrop, float ratio, float lo, float hi, "
     "int transport, bool emit_target) -> (Tensor, Tensor)")
 
 
