@@ -326,3 +326,16 @@ def test_bad_input():
     halves = ucgm_fast.sampler_step(F.requires_grad_(), x, 0.5, 0.2, "Linear", step=2, extrapol_ratio=0.5,
                                     x_prev=big[:6].view(2, 3), z_prev=big[6:].view(2, 3))
     assert not halves.requires_grad  # not differentiable, and it says so
+
+
+# After the error, dynamo compiles the frames below the failed one on their own, and so meets the
+# kernel's pybind entry point, which it runs eagerly with this warning.
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")
+def test_compiled_step_refuses_one_buffer_for_both_estimates():
+    # Storage overlap is not traceable, but the same tensor passed twice is: refused under torch.compile too.
+    x, F, buf = torch.randn(2, 3), torch.randn(2, 3), torch.zeros(2, 3)
+    step = torch.compile(lambda F, x, a, b: ucgm_fast.sampler_step(F, x, 0.7, 0.4, "Linear", step=3,
+                                                                   extrapol_ratio=0.1, x_prev=a, z_prev=b))
+    with pytest.raises(ValueError, match="must not share memory with each other"):
+        step(F, x, buf, buf)
+    assert step(F, x, buf, torch.zeros(2, 3)).shape == x.shape

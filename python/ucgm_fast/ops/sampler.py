@@ -305,11 +305,12 @@ def sampler_step(F, x, t, t_next, transport, *, step: int = 0, stochast_ratio=0.
             if not b.is_contiguous():
                 raise ValueError(f"{op}: {name} must be contiguous (it is updated in place)")
         # The kernels read every input element before writing the buffers, but only element by element.
-        # (Storage addresses are not traceable: torch.compile skips the check.)
+        # (Storage addresses are not traceable: under torch.compile only the same tensor passed twice is caught.)
         pairs = ((x_prev, z_prev, "each other"), (x_prev, x, "x"), (z_prev, x, "x"), (x_prev, F, "F"),
                  (z_prev, F, "F"))
-        for a, b, what in () if torch.compiler.is_compiling() else pairs:
-            if _overlap(a, b):
+        compiling = torch.compiler.is_compiling()
+        for a, b, what in pairs:
+            if a is b if compiling else _overlap(a, b):
                 raise ValueError(f"{op}: x_prev and z_prev must not share memory with {what} "
                                  "(they are updated in place)")
         mode = EXTRAPOL_APPLY if step >= 2 else EXTRAPOL_RECORD
