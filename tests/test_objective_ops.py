@@ -460,3 +460,12 @@ def test_backward_through_times_and_targets_made_under_inference_mode(compiled_p
         g, = torch.autograd.grad(loss, w)
         g_ref, = torch.autograd.grad(ref, w)
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+    x = torch.randn(4, 3)
+    out = ucgm_fast.enhance_target(x, x, x, None, 0.5, "Linear", np.float32(1.5), num_dropped=np.int64(1))
+    ref = ucgm_fast.enhance_target(x, x, x, None, 0.5, "Linear", 1.5, num_dropped=1)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert torch.equal(ucgm_fast.coefficients(np.float64(0.25), "EDM")[0], ucgm_fast.coefficients(0.25, "EDM")[0])

@@ -12,6 +12,7 @@ float64 data), so a 16-bit model's targets keep float32 accuracy, as in the publ
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -325,7 +326,7 @@ def _check_model_output(op: str, name: str, F, like: torch.Tensor, like_name: st
 
 def _ratio(op: str, name: str, value) -> float:
     # abs(v) < inf rather than math.isfinite: the latter is not traceable by torch.compile.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < math.inf:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(value) < math.inf:
         raise TypeError(f"{op}: {name} must be a finite float, got {value!r}")
     return float(value)
 
@@ -404,9 +405,10 @@ def enhance_target(x, z, F_w, F_wo, t, transport, ratio, enhanced_range=(0.0, 0.
             raise TypeError(f"{op}: F_wo has dtype {F_wo.dtype} but F_w has dtype {F_w.dtype}")
     e = _ratio(op, "ratio", ratio)
     lo, hi = _range(op, enhanced_range)
-    if isinstance(num_dropped, bool) or not isinstance(num_dropped, int) or not 0 <= num_dropped <= x.shape[0]:
+    if isinstance(num_dropped, bool) or not isinstance(num_dropped, numbers.Integral) \
+            or not 0 <= num_dropped <= x.shape[0]:
         raise ValueError(f"{op}: num_dropped must be an int in [0, B={x.shape[0]}], got {num_dropped!r}")
-    return _enhance(x, z, F_w, F_wo, batch_times(op, t, x), tr, e, lo, hi, num_dropped, bool(return_target))
+    return _enhance(x, z, F_w, F_wo, batch_times(op, t, x), tr, e, lo, hi, int(num_dropped), bool(return_target))
 
 
 # The private runners below take checked arguments: t as its (B,) tensor, the Transport, plain

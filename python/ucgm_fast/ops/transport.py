@@ -7,6 +7,8 @@ validate their arguments, put ``t`` in its (B,) form and call the op; a user-def
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..reference import transport as reference
@@ -196,7 +198,7 @@ def coefficients(t, transport):
     """
     tr = get_transport(transport)
     if not isinstance(t, torch.Tensor):
-        if isinstance(t, bool) or not isinstance(t, (int, float)):
+        if isinstance(t, bool) or not isinstance(t, numbers.Real):
             raise TypeError(f"coefficients: t must be a float or a floating tensor, got {type(t).__name__}")
         t = torch.tensor(float(t), dtype=torch.float32)
     if t.dtype not in FLOAT_DTYPES:
