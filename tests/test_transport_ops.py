@@ -394,3 +394,30 @@ def test_forward_mode_and_t_derivatives_are_exact():
     wr = t.clone().requires_grad_()
     (rw,) = torch.autograd.grad(sum(c.sum() for c in reference.coefficients(wr, "TrigFlow")), wr)
     assert torch.allclose(gw, rw)
+
+
+@pytest.mark.parametrize("transport", ["TrigFlow", "EDM", "Random"])
+def test_coefficients_of_a_time_do_not_depend_on_its_neighbours(transport):
+    # The CPU kernel takes vectorized math for times in its domain and libm for others: each result
+    # must follow from its own time alone, so that out-of-domain times elsewhere, or where the threads'
+    # slices start, change no bit.
+    t = torch.rand(70001, generator=torch.Generator().manual_seed(3))
+    clean = ucgm_fast.coefficients(t, transport)
+    spoiled = t.clone()
+    spoiled[::997] = torch.tensor([float("nan"), 5.0, -7.5, 1e6])[torch.arange(len(spoiled[::997])) % 4]
+    out = ucgm_fast.coefficients(spoiled, transport)
+    keep = torch.ones_like(t, dtype=torch.bool)
+    keep[::997] = False
+    for a, b in zip(out, clean):
+        assert torch.equal(a[keep], b[keep])
+    alone = [ucgm_fast.coefficients(spoiled[i:i + 1], transport) for i in range(0, 70001, 997 * 7)]
+    for k, i in enumerate(range(0, 70001, 997 * 7)):
+        for a, b in zip(out, alone[k]):
+            assert torch.equal(a[i:i + 1], b) or (a[i].isnan() and b[0].isnan())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        for a, b in zip(ucgm_fast.coefficients(spoiled, transport), out):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num())
+    finally:
+        torch.set_num_threads(threads)

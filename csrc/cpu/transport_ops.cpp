@@ -1,6 +1,9 @@
 // CPU kernels of the transport ops: one pass over memory, coefficients once per row segment.
 #include "../ucgm/transport_ops.h"
 
+#include <cmath>
+#include <type_traits>
+
 #include "../ucgm/transport.h"
 #include "parallel.h"
 #include "vec_math.h"
@@ -32,12 +35,15 @@ int mix_cpu(int dtype, const void* u, const void* v, const void* t, int64_t t_st
 }
 
 // Per-element times within this bound take VecMath's sin / cos / exp (whose arguments then stay
-// well inside kVecMathMaxArg: |1.57 t| <= 6.3, |4 (2.68 t - 1.59)| <= 49); blocks holding a larger
-// or NaN time take libm's. Times are in [0, 1] in practice.
+// well inside kVecMathMaxArg: |1.57 t| <= 6.3, |4 (2.68 t - 1.59)| <= 49); larger or NaN times take
+// libm's. Times are in [0, 1] in practice.
 constexpr double kVecMathMaxT = 4.0;
 constexpr int64_t kVecMathBlock = 256;
 static_assert(4 * (2.68 * kVecMathMaxT + 1.59) < kVecMathMaxArg && 5 * kVecMathMaxT < kVecMathMaxArg,
               "the exp arguments of EDM and Random must stay in VecMath's domain");
+
+template <typename C>
+inline bool in_vec_domain(C t) { return std::fabs(t) <= C(kVecMathMaxT); }  // false for NaN
 
 int coefficients_cpu(int dtype, const void* t, int64_t n, int transport, void* alpha_in, void* gamma_in,
                      void* alpha_to, void* gamma_to) {
@@ -49,17 +55,21 @@ int coefficients_cpu(int dtype, const void* t, int64_t n, int transport, void* a
     S *ai = static_cast<S*>(alpha_in), *gi = static_cast<S*>(gamma_in);
     S *at = static_cast<S*>(alpha_to), *gt = static_cast<S*>(gamma_to);
     // The loop is instantiated per transport and math policy, so the coefficient switch folds
-    // away and the loop vectorizes.
+    // away and the loop vectorizes. VecMath reads out-of-domain times as 0 (a select, so the loop
+    // stays branch-free); their results are then rewritten with libm.
     auto run = [&](auto tr, auto math, int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const Coeffs<C> k = coefficients<C, decltype(math)>(tr.value, load<C>(pt[i]));
+        C ti = load<C>(pt[i]);
+        if constexpr (std::is_same_v<decltype(math), VecMath>) ti = in_vec_domain(ti) ? ti : C(0);
+        const Coeffs<C> k = coefficients<C, decltype(math)>(tr.value, ti);
         ai[i] = store<S>(k.alpha_in);
         gi[i] = store<S>(k.gamma_in);
         at[i] = store<S>(k.alpha_to);
         gt[i] = store<S>(k.gamma_to);
       }
     };
-    // One "row" of n times split over threads.
+    // One "row" of n times split over threads. Each element's result depends on its own time only
+    // (not on its neighbours, nor on where a thread's slice starts): bit-identical for any thread count.
     for_each_row_segment(1, n, [&](int64_t, int64_t i0, int64_t i1) {
       with_transport(transport, [&](auto tr) {
         if constexpr (!transcendental(decltype(tr)::value)) {
@@ -67,9 +77,12 @@ int coefficients_cpu(int dtype, const void* t, int64_t n, int transport, void* a
         } else {
           for (int64_t b0 = i0; b0 < i1; b0 += kVecMathBlock) {
             const int64_t b1 = std::min(i1, b0 + kVecMathBlock);
-            int64_t outside = 0;  // NaN counts too; a count (not a bool &=) so the scan vectorizes
-            for (int64_t i = b0; i < b1; ++i) outside += !(std::fabs(load<C>(pt[i])) <= C(kVecMathMaxT));
-            if (outside == 0) run(tr, VecMath{}, b0, b1); else run(tr, LibMath{}, b0, b1);
+            run(tr, VecMath{}, b0, b1);
+            int64_t outside = 0;  // a count (not a bool &=) so the scan vectorizes
+            for (int64_t i = b0; i < b1; ++i) outside += !in_vec_domain(load<C>(pt[i]));
+            if (outside == 0) continue;
+            for (int64_t i = b0; i < b1; ++i)
+              if (!in_vec_domain(load<C>(pt[i]))) run(tr, LibMath{}, i, i + 1);
           }
         }
       });
