@@ -4,11 +4,13 @@
     python benchmarks/run.py [--device cpu|cuda] [--quick] [--ops OP ...] [--json PATH]
 
 Prints one table (op, shape, dtype, eager / compile / fused time, speedups, GB/s, % of the copy
-bandwidth measured in the same run, max relative error against the float64 reference) and writes
-benchmarks/results/<device>.json, .md and a .png chart of the speedups. Progress goes to stderr.
-Op groups live in benchmarks/cases/ (one module each); a group whose ops this build of ucgm_fast
-lacks is skipped with the reason. Exit status 1 when a row fails or its error is over its bound; 130 when interrupted
-(Ctrl-C or SIGTERM), after writing the rows measured so far.
+bandwidth measured in the same run at the row's size, max relative error against the float64
+reference) and writes benchmarks/results/<device>.json, .md and a .png chart of the speedups.
+Progress goes to stderr. Op groups live in benchmarks/cases/ (one module each); a group that needs
+a third-party package that is not installed is skipped with the reason (an op missing from
+ucgm_fast is an error). Exit status 1 when a row fails or its error is over its bound; 2 when
+--ops names a group that was skipped or matches nothing; 130 when interrupted (Ctrl-C or
+SIGTERM), after writing the rows measured so far.
 """
 from __future__ import annotations
 
@@ -93,15 +95,43 @@ def _err(out, ref):
     return None if ref is None else accuracy.max_rel_err(out, ref)
 
 
+class CopyBandwidth:
+    """``dst.copy_(src)`` bandwidth per row size, each measured once (on first use) and kept.
+
+    A row's % copy compares it with a copy whose tensors are as large as the row's (its shape in
+    its dtype) and timed with the same cache-flush decision: one copy at the largest size would
+    hold a small row, whose data sits in cache, to a DRAM-bound figure. Results are cached by
+    (float32 elements, flush): rows of one size share one measurement.
+    """
+
+    def __init__(self, device: torch.device, budget: timing.Budget, flusher):
+        self.device, self.budget, self.flusher = device, budget, flusher
+        self.measured: dict = {}
+
+    def __call__(self, numel: int, flush: bool) -> dict:
+        """The copy of ``numel`` float32 elements (flushed before each sample when ``flush``)."""
+        key = (max(int(numel), 1), bool(flush and self.flusher is not None))
+        if key not in self.measured:
+            self.measured[key] = timing.copy_bandwidth(key[0], self.device, self.budget, self.flusher,
+                                                       flush=key[1])
+        return self.measured[key]
+
+    def for_row(self, case: Case, flush: bool) -> dict:
+        """The copy whose tensors hold as many bytes as one of the row's (``case.shape`` in its dtype)."""
+        return self(-(-case.numel * case.dtype.itemsize // 4), flush)
+
+
 def run_case(case: Case, args: argparse.Namespace, device: torch.device, budget: timing.Budget,
-             flusher, compiled: CompileCache, copy_gbps: float | None) -> dict:
+             flusher, compiled: CompileCache, copies: CopyBandwidth | None) -> dict:
     """Builds one row's workload, times and checks every peer; returns the row."""
     w = case.build()
     row = {"group": case.group, "op": case.op, "variant": case.variant, "shape": list(case.shape),
            "shape_str": case.shape_str, "size": case.size, "dtype": case.dtype_name, "numel": case.numel,
-           "bytes": w.nbytes, "device": device.type, "notes": []}
-    flush = flusher is not None and w.nbytes is not None and w.nbytes >= flusher.l2_bytes
-    row["l2_flushed"] = flush
+           "bytes": w.nbytes, "device": device.type, "notes": list(w.notes)}
+    # Rows that move more than the cache (GPU L2, CPU LLC) are timed from a cold cache, every sample.
+    flush = flusher is not None and w.nbytes is not None and w.nbytes >= flusher.cache_bytes
+    row["l2_flushed"] = flush  # the name is historical: on CPU the last-level cache
+    row["cache_flushed"] = flusher.name if flush else None
     # On CPU every row, on CUDA the end-to-end rows (event timing with L2 flushes serves the others).
     in_turn = row["in_turn"] = w.in_turn or device.type == "cpu"
     wrap = w.around or (lambda f: f)
@@ -138,8 +168,9 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, budget:
         if not args.no_extra_peers:
             for name, fn in w.peers.items():
                 optional(name, fn, f"peer {name}")
-        if in_turn:
-            timings = timing.time_in_turn(in_turn_fns, w.args, device, b, first_s, w.prepare)
+        if in_turn:  # the flush goes before every peer's sample, as time_call does for one peer
+            timings = timing.time_in_turn(in_turn_fns, w.args, device, b, first_s, w.prepare,
+                                          flusher=flusher if flush else None)
     del ref
 
     row.update(_timing_fields("eager", timings["eager"]))
@@ -164,13 +195,44 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, budget:
     row["speedup_vs_compile_best"] = (row["compile_min_ms"] / row["fused_min_ms"]
                                       if row["compile_ms"] is not None else None)
     row["gbps"] = w.nbytes / (row["fused_ms"] * 1e-3) / 1e9 if w.nbytes else None
-    row["pct_copy"] = 100 * row["gbps"] / copy_gbps if row["gbps"] and copy_gbps else None
+    # % copy against a copy of the row's own size and flush decision (only rows with a GB/s need one).
+    row["copy_gbps"] = copies.for_row(case, flush)["gbps"] if row["gbps"] and copies is not None else None
+    row["pct_copy"] = 100 * row["gbps"] / row["copy_gbps"] if row["copy_gbps"] else None
     if row["max_rel_err"] is None:
         row["tolerance"] = row["accuracy_ok"] = None
     else:
         row["tolerance"] = accuracy.bound(case.dtype, row["eager_rel_err"], w.tolerance)
         row["accuracy_ok"] = row["max_rel_err"] <= row["tolerance"]
     return row
+
+
+def _unmatched_ops(ops, cases: list[Case], skipped: dict) -> str | None:
+    """Why some of ``--ops`` cannot run (a skipped group, or a name no row has), or None.
+
+    Asked for by name, a group that was skipped (or an op of one: its op names are unknown
+    without its module) must not end in a run that exits 0 without it.
+    """
+    missing = [o for o in ops or () if not any(c.op == o or c.group == o for c in cases)]
+    if not missing:
+        return None
+    why = [f"--ops {o}: group skipped ({skipped[o]})" if o in skipped else f"--ops {o}: no such op or group"
+           for o in missing]
+    if skipped and any(o not in skipped for o in missing):
+        why.append(f"(skipped groups, whose ops are unknown: {', '.join(sorted(skipped))})")
+    return "; ".join(why)
+
+
+def _write_markdown(path: str, result: dict, chart_name: str | None) -> None:
+    with open(path, "w") as f:
+        f.write(report.markdown(result, chart_name))
+
+
+def _draw_chart(rows: list[dict], path: str, title: str) -> str | None:
+    """Draws the speedup chart; returns None when drawn, else the reason it was not (never raises)."""
+    try:
+        return report.chart(rows, path, title)
+    except Exception as exc:  # a chart is a convenience: its failure is reported, the results are kept
+        return f"drawing it failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
 def _fmt_progress(row: dict) -> str:
@@ -201,8 +263,12 @@ def main(argv=None) -> int:
 
     groups, skipped = discover("cases")
     for group, why in skipped.items():
-        _progress(f"skipping benchmark group '{group}' (not in this build of ucgm_fast): {why}")
+        _progress(f"skipping benchmark group '{group}' (a package it needs is not installed): {why}")
     cases = collect(groups, plan, args.ops)
+    unmatched = _unmatched_ops(args.ops, cases, skipped)
+    if unmatched:
+        _progress(f"run.py: {unmatched}")
+        return 2
     if args.match:
         pattern = re.compile(args.match)
         cases = [c for c in cases if pattern.search(c.key)]
@@ -217,33 +283,44 @@ def main(argv=None) -> int:
     budget = timing.SMOKE if smallest else {
         ("cpu", False): timing.FULL, ("cpu", True): timing.QUICK,
         ("cuda", False): timing.FULL_CUDA, ("cuda", True): timing.QUICK_CUDA}[(device.type, args.quick)]
-    flusher = timing.L2Flusher(device) if device.type == "cuda" else None
+    flusher = timing.flusher_for(device)
     malloc = "unchanged (--keep-malloc)" if args.keep_malloc else steady_malloc()
     env = environment(device, os.path.dirname(HERE))
     env["malloc"] = malloc
     _progress(f"ucgm_fast benchmark on {env['device_name']}: {len(cases)} rows ({mode}), "
               f"torch {env['torch']}, {env['torch_threads']} threads")
 
-    # The copy runs at the largest row's size, so % copy compares like with like at that size.
+    # The headline copy runs at the largest row's size; each row's % copy uses a copy of its own
+    # size and flush decision (CopyBandwidth), measured when the first row of that size needs it.
+    copies = CopyBandwidth(device, budget, flusher)
     copy_numel = max([c.numel for c in cases] + [1 << (16 if smallest else 20)])
-    copy = timing.copy_bandwidth(copy_numel, device, budget, flusher)
-    _progress(f"copy bandwidth: {copy['gbps']:.1f} GB/s at {copy_numel} float32 elements")
+    copy = copies(copy_numel, 2 * 4 * copy_numel >= flusher.cache_bytes)
+    _progress(f"copy bandwidth: {copy['gbps']:.1f} GB/s at {copy_numel} float32 elements"
+              + (f" ({flusher.name} flushed)" if copy["l2_flushed"] else ""))
 
     name = args.name or device.type
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, name)
 
     def save(rows, errors, interrupted, final):
-        """Write <stem>.json and .md (and the chart when final); returns the result dict."""
-        result = {"mode": mode, "environment": env, "copy_bandwidth": copy, "skipped_groups": skipped,
-                  "errors": errors, "interrupted": interrupted, "rows": rows,
+        """Writes <stem>.json and .md, then (when final) the chart; returns (result, why no chart or None).
+
+        The results are written first: a chart that fails to draw must not lose them. The .md is
+        rewritten with the chart's link once the chart exists.
+        """
+        result = {"mode": mode, "environment": env, "copy_bandwidth": copy,
+                  "copy_bandwidth_per_size": [dict(c) for c in copies.measured.values()],
+                  "skipped_groups": skipped, "errors": errors, "interrupted": interrupted, "rows": rows,
                   "wall_s": time.perf_counter() - started,
                   "load_average_1m_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
-        chart_ok = final and report.chart(rows, stem + ".png", f"ucgm_fast fused speedups: {env['device_name']} ({mode})")
         report.write_json(stem + ".json", result)
-        with open(stem + ".md", "w") as f:
-            f.write(report.markdown(result, os.path.basename(stem + ".png") if chart_ok else None))
-        return result, chart_ok
+        _write_markdown(stem + ".md", result, None)
+        if not final:
+            return result, "not drawn before the run ends"
+        no_chart = _draw_chart(rows, stem + ".png", f"ucgm_fast fused speedups: {env['device_name']} ({mode})")
+        if no_chart is None:
+            _write_markdown(stem + ".md", result, os.path.basename(stem + ".png"))
+        return result, no_chart
 
     compiled = CompileCache()
     rows, errors, interrupted = [], [], None
@@ -254,7 +331,7 @@ def main(argv=None) -> int:
         for i, case in enumerate(cases, 1):
             _progress(f"[{i}/{len(cases)}] {case.key} ... ", end="")
             try:
-                row = run_case(case, args, device, budget, flusher, compiled, copy["gbps"])
+                row = run_case(case, args, device, budget, flusher, compiled, copies)
             except Exception as exc:  # one broken row must not lose the others: reported, exit status 1
                 errors.append(f"{case.key}: {type(exc).__name__}: {exc}")
                 _progress(f"ERROR {type(exc).__name__}: {exc}")
@@ -270,16 +347,16 @@ def main(argv=None) -> int:
         interrupted = f"interrupted after {len(rows) + len(errors)} of {len(cases)} rows"
         _progress(f"\n{interrupted}: writing the rows measured so far")
 
-    result, chart_ok = save(rows, errors, interrupted, final=True)
+    result, no_chart = save(rows, errors, interrupted, final=True)
     print("\n".join(report.summary_lines(result)))
     print()
     print(report.text_table(rows))
     if args.json:
         report.write_json(args.json, rows)
-    _progress(f"wrote {stem}.json, {stem}.md" + (f", {stem}.png" if chart_ok else "")
+    _progress(f"wrote {stem}.json, {stem}.md" + (f", {stem}.png" if no_chart is None else "")
               + (f", {args.json}" if args.json else ""))
-    if not chart_ok:
-        _progress("no speedup chart: it needs matplotlib (pip install matplotlib)")
+    if no_chart is not None:
+        _progress(f"no speedup chart: {no_chart}")
 
     if errors:
         _progress(f"{len(errors)} rows failed to run:\n  " + "\n  ".join(errors))

@@ -16,8 +16,8 @@ BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
 
 import run  # noqa: E402  (benchmarks/run.py)
-from harness import accuracy, env, timing  # noqa: E402
-from harness.case import discover  # noqa: E402
+from harness import accuracy, env, report, timing  # noqa: E402
+from harness.case import Plan, discover  # noqa: E402
 from conftest import DEVICES  # noqa: E402
 
 REQUIRED = ["op", "shape", "dtype", "eager_ms", "compile_ms", "fused_ms", "speedup_vs_eager", "speedup_vs_compile",
@@ -52,17 +52,30 @@ def test_smallest_every_case_runs_and_is_checked(tmp_path, capsys, device):
         # op rows move a known number of bytes; a training step, a sampling run or the whole objective does not
         assert (r["gbps"] is None) == (r["group"] == "end_to_end" or r["op"] == "objective"), r
         assert r["gbps"] is None or r["gbps"] > 0
+        # % copy is against a copy of the row's own size, measured in the same run
+        assert (r["copy_gbps"] is None) == (r["gbps"] is None), r
+        if r["gbps"] is not None:
+            assert r["copy_gbps"] > 0 and r["pct_copy"] == pytest.approx(100 * r["gbps"] / r["copy_gbps"])
+        aliased = r["op"] == "coefficients" and r["variant"] in ("Linear", "ReLinear")
+        assert aliased == any("return t itself" in n for n in r["notes"]), r
+        if r["op"] == "sample":
+            assert any(n.startswith("oracle: ") for n in r["notes"]), r
+        if r["group"] == "end_to_end":
+            assert any("bf16 autocast" in n for n in r["notes"]) == (device == "cuda"), r
     assert {r["variant"] for r in rows if r["op"] == "objective"} == {"Linear,lambda=0", "Linear,lambda=1,enhanced"}
     e2e = {r["op"] + "/" + r["variant"].split(",")[1] for r in rows if r["group"] == "end_to_end"}
     assert all(r["in_turn"] == (device == "cpu" or r["group"] == "end_to_end") for r in rows)
     assert e2e == {"train_step/lambda=0", "train_step/lambda=1", "sample/steps=2", "sample/steps=30"}
     assert result["copy_bandwidth"]["gbps"] > 0
+    # one copy per distinct (size, flush) of the rows, none for the same size twice
+    sizes = [(c["numel"], c["l2_flushed"]) for c in result["copy_bandwidth_per_size"]]
+    assert len(sizes) == len(set(sizes)) >= 2
     env_ = result["environment"]
     assert env_["torch"] == torch.__version__ and env_["torch_threads"] >= 1 and env_["device_name"]
     out = capsys.readouterr().out
     assert "fused ms" in out and "copy bandwidth" in out and "decode" in out
     md = (tmp_path / "bench.md").read_text()
-    assert "| op |" in md
+    assert "| op |" in md and "Notes:" in md and "return t itself" in md
     try:
         import matplotlib  # noqa: F401  (optional: the chart is skipped without it)
     except ImportError:
@@ -73,12 +86,13 @@ def test_smallest_every_case_runs_and_is_checked(tmp_path, capsys, device):
 
 
 def test_compile_peer_on_one_row(tmp_path):
-    status, rows, _ = _run(tmp_path, "--match", "^decode/EDM/")
-    assert status == 0 and len(rows) == 1
-    (r,) = rows
-    assert r["compile_ms"] > 0 and r["compile_first_call_s"] > 0
-    assert r["speedup_vs_compile"] == pytest.approx(r["compile_ms"] / r["fused_ms"])
-    assert r["compile_rel_err"] <= 1e-5 and r["max_rel_err"] <= 2e-6
+    # decode (a map) and ucgm_loss (forward then backward: AOTAutograd compiles the backward too)
+    status, rows, _ = _run(tmp_path, "--match", "^(decode/EDM|ucgm_loss/huber=5,cosine,tw)/")
+    assert status == 0 and {r["op"] for r in rows} == {"decode", "ucgm_loss"} and len(rows) == 2
+    for r in rows:
+        assert r["compile_ms"] > 0 and r["compile_first_call_s"] > 0
+        assert r["speedup_vs_compile"] == pytest.approx(r["compile_ms"] / r["fused_ms"])
+        assert r["compile_rel_err"] <= 1e-5 and r["max_rel_err"] <= 2e-6 and r["accuracy_ok"], r
 
 
 def test_numba_peer_is_timed_and_checked(tmp_path):
@@ -108,16 +122,45 @@ def test_script_entry_point_lists_quick_rows():
                    ("4194304" in k or "256x4x64x64" in k) for k in keys), op
 
 
-def test_missing_group_is_skipped_with_reason(tmp_path, monkeypatch):
-    pkg = tmp_path / "fake_cases"
+def _fake_cases(tmp_path, monkeypatch, name, **modules):
+    pkg = tmp_path / name
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "future_ops.py").write_text("from ucgm_fast import no_such_op_yet\ndef cases(plan):\n    return []\n")
-    (pkg / "present.py").write_text("def cases(plan):\n    return []\n")
+    for module, text in modules.items():
+        (pkg / f"{module}.py").write_text(text + "\ndef cases(plan):\n    return []\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_group_needing_a_missing_package_is_skipped_with_reason(tmp_path, monkeypatch):
+    _fake_cases(tmp_path, monkeypatch, "fake_cases", needs_pkg="import no_such_third_party_pkg_ucgm",
+                present="")
     groups, skipped = discover("fake_cases")
     assert list(groups) == ["present"]
-    assert "no_such_op_yet" in skipped["future_ops"]
+    assert "no_such_third_party_pkg_ucgm" in skipped["needs_pkg"]
+
+
+@pytest.mark.parametrize("line", ["from ucgm_fast import no_such_op_yet", "import ucgm_fast.no_such_module",
+                                  "from harness.no_such_module import x", "from harness.case import no_such_name"])
+def test_missing_op_or_harness_module_is_an_error(tmp_path, monkeypatch, line):
+    # Every group's ops exist: a missing one (a rename, a broken build) must not drop the group
+    # silently while the run exits 0.
+    _fake_cases(tmp_path, monkeypatch, "fake_cases_own", broken=line, present="")
+    with pytest.raises(ImportError):
+        discover("fake_cases_own")
+
+
+def test_ops_naming_a_skipped_group_exits_non_zero(tmp_path, monkeypatch, capsys):
+    real_discover = run.discover
+
+    def discover_with_skipped(package):
+        groups, skipped = real_discover(package)
+        return groups, {**skipped, "extra": "needs cupy: ModuleNotFoundError: No module named 'cupy'"}
+
+    monkeypatch.setattr(run, "discover", discover_with_skipped)
+    argv = ["--device", "cpu", "--sizes", "smallest", "--no-compile", "--out-dir", str(tmp_path)]
+    assert run.main(argv + ["--ops", "decode", "extra"]) == 2
+    assert "extra" in capsys.readouterr().err and not (tmp_path / "cpu.json").exists()
+    assert run.main(argv + ["--ops", "decode", "no_such_op"]) == 2  # an op of a skipped group, or a typo
 
 
 def test_max_rel_err_and_bounds():
@@ -136,6 +179,79 @@ def test_max_rel_err_and_bounds():
     assert accuracy.bound(torch.float32, 1e-8) == accuracy.TOLERANCE[torch.float32]
     assert accuracy.bound(torch.float32, 1e-5) == pytest.approx(2e-5)  # ill-conditioned: 2x eager's own error
     assert accuracy.bound(torch.float32, 1e-5, override=1e-3) == 1e-3
+    assert accuracy.bound(torch.float32, 0.05, override=2e-2) == pytest.approx(0.1)  # bf16 model: eager's error
+
+
+def test_results_are_written_when_the_chart_fails(tmp_path, monkeypatch, capsys):
+    def broken_chart(rows, path, title):
+        raise RuntimeError("no display backend today")
+
+    monkeypatch.setattr(report, "chart", broken_chart)
+    status, rows, result = _run(tmp_path, "--no-compile", "--match", "^decode/EDM/")
+    assert status == 0 and len(rows) == 1 and len(result["rows"]) == 1
+    assert "bench.png" not in (tmp_path / "bench.md").read_text()
+    assert "RuntimeError: no display backend today" in capsys.readouterr().err
+
+
+def test_chart_reports_why_it_was_not_drawn(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert report.chart([], str(tmp_path / "c.png"), "t") == "no rows to chart"  # not "needs matplotlib"
+
+
+def test_json_has_no_infinity_or_nan(tmp_path):
+    path = tmp_path / "r.json"
+    report.write_json(str(path), {"rows": [{"max_rel_err": float("inf"), "x": float("nan"), "y": [-float("inf"), 1.5]}],
+                                  "dtype": torch.float32})
+
+    def strict(name):
+        raise ValueError(f"non-JSON constant {name}")
+
+    obj = json.loads(path.read_text(), parse_constant=strict)
+    assert obj == {"rows": [{"max_rel_err": "inf", "x": "nan", "y": ["-inf", 1.5]}], "dtype": "torch.float32"}
+    assert float(obj["rows"][0]["max_rel_err"]) == float("inf")
+
+
+def test_copy_bandwidth_is_measured_once_per_row_size(monkeypatch):
+    from harness.case import Case
+
+    calls = []
+
+    def fake_copy(numel, device, budget, flusher=None, flush=None):
+        calls.append((numel, flush))
+        return {"numel": numel, "gbps": float(numel), "l2_flushed": flush}
+
+    monkeypatch.setattr(timing, "copy_bandwidth", fake_copy)
+    copies = run.CopyBandwidth(torch.device("cpu"), timing.SMOKE, timing.CPUFlusher(1 << 20))
+    row = lambda shape, dtype: Case("g", "op", "", shape, dtype, "train", None)
+    assert copies.for_row(row((4, 8), torch.float32), False)["numel"] == 32
+    assert copies.for_row(row((8, 4), torch.float32), False)["numel"] == 32  # same size: measured once
+    assert copies.for_row(row((4, 8), torch.float32), True)["numel"] == 32   # flushed: another copy
+    assert copies.for_row(row((4, 8), torch.float64), False)["numel"] == 64  # tensors of as many bytes
+    assert copies.for_row(row((4, 8), torch.bfloat16), False)["numel"] == 16
+    assert calls == [(32, False), (32, True), (64, False), (16, False)]
+
+
+def test_cpu_flusher_is_twice_the_last_level_cache():
+    assert timing._parse_cache_size("32768K") == 32 * 2**20 and timing._parse_cache_size("1M") == 2**20
+    assert timing._parse_cache_size("512") == 512 and timing._parse_cache_size("n/a") == 0
+    assert timing.llc_bytes() >= 2**20
+    f = timing.CPUFlusher()
+    assert f.cache_bytes == timing.llc_bytes() and f.buffer.numel() * 4 > 2 * f.cache_bytes
+    assert isinstance(timing.flusher_for(torch.device("cpu")), timing.CPUFlusher)
+
+
+def test_in_turn_flush_runs_before_every_sample_of_every_peer():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    budget = timing.Budget(warmup_s=0.0, sample_s=1.0, total_s=0.0, min_repeats=2, max_repeats=2)
+    t = timing.time_in_turn(fns, (), torch.device("cpu"), budget, {"a": 0.0, "b": 0.0},
+                            prepare={"b": lambda: calls.append("prepare b")}, flusher=lambda: calls.append("flush"))
+    # warm-up, then two rounds: one call per sample (a flushed sample times one call), after the flush
+    assert calls == ["a", "b"] + ["flush", "a", "prepare b", "flush", "b"] * 2
+    assert all(tn.inner == 1 and tn.l2_flushed for tn in t.values())
+    t, _ = timing.time_call(lambda: calls.append("c"), (), torch.device("cpu"), budget, lambda: calls.append("f"),
+                            flush=True)
+    assert calls[-6:] == ["c", "c", "f", "c", "f", "c"] and t.l2_flushed  # first call, warm-up, 2 samples
 
 
 def test_cpu_timing_reports_median_between_min_and_max():
@@ -161,6 +277,108 @@ def test_extrapolating_step_row_detects_a_wrong_ratio():
             args[7] = e
             err = accuracy.max_rel_err(w.fused(*args), ref)
             assert (err <= accuracy.TOLERANCE[torch.float32]) == ok, (e, err)
+
+
+def test_extrapolating_step_row_checks_the_buffers():
+    # The step also writes x_prev and z_prev (counted in the row's bytes): a fused step that gets
+    # x_next right but leaves wrong buffers must fail the row.
+    from cases import sampler as cases
+
+    w = cases._workload(Plan(torch.device("cpu"), smallest=True), "order=1,extrapolate", "Linear", (3, 2, 5),
+                        torch.float32)
+    ref = w.oracle()
+    assert len(ref) == 3 and all(r.dtype == torch.float64 for r in ref)
+    x_prev, z_prev = w.args[8], w.args[9]
+
+    def scribbles(*args):
+        out = w.fused(*args)
+        z_prev.mul_(1.01)
+        return out
+
+    def skips_buffers(*args):
+        saved = x_prev.clone(), z_prev.clone()
+        out = w.fused(*args)
+        x_prev.copy_(saved[0]), z_prev.copy_(saved[1])
+        return out
+
+    tol = accuracy.TOLERANCE[torch.float32]
+    for fn, ok in ((w.fused, True), (w.eager, True), (scribbles, False), (skips_buffers, False)):
+        w.reset()
+        err = accuracy.max_rel_err(fn(*w.args), ref)
+        assert (err <= tol) == ok, (fn, err)
+
+
+def test_order2_row_checks_the_steps_x_hat():
+    from cases import sampler as cases
+
+    w = cases._workload(Plan(torch.device("cpu"), smallest=True), "order=2", "Linear", (3, 2, 5), torch.float32)
+    ref = w.oracle()
+    out = w.fused(*w.args)
+    assert len(out) == len(ref) == 2
+    assert accuracy.max_rel_err(out, ref) <= accuracy.TOLERANCE[torch.float32]
+    assert accuracy.max_rel_err((out[0], out[1] * 1.01), ref) > 1e-3
+
+
+def test_train_step_row_checks_the_gradient():
+    from cases import end_to_end as e2e
+
+    plan = Plan(torch.device("cpu"), smallest=True, compile=False)
+    w = e2e._train_workload(plan, "DiT-S/2", (10, 4, 8, 8), "lambda=1,enhanced", False)
+    ref = w.oracle()
+    assert ref[0].dtype == ref[1].dtype == torch.float64 and ref[1].numel() == sum(
+        p.numel() for p in w.fused.params)
+    # the checked call (armed by reset) returns (loss, gradient); timed calls only the loss
+    for step in (w.eager, w.fused):
+        w.reset()
+        loss, grad = step(*w.args)
+        assert accuracy.max_rel_err((loss, grad), ref) <= w.tolerance
+        assert isinstance(step(*w.args), torch.Tensor)
+
+    def no_backward(x, y, t, z):  # a fused step that skips backward: the loss is right, the gradient 0
+        fused = w.fused
+        with e2e._autocast(x.device):
+            loss = fused.ucgm.loss(fused.net, x, y, t=t, z=z)
+        fused.grads.zero_()
+        fused.grads.clip_(None, True)
+        return loss.detach(), e2e.flat_grad(fused.params)
+
+    def half_gradient(*args):
+        loss, grad = w.fused(*args)
+        return loss, grad * 0.999
+
+    for bad in (no_backward, half_gradient):
+        w.reset()
+        out = bad(*w.args)
+        assert accuracy.max_rel_err(out[0], ref[0]) <= w.tolerance  # the loss alone would pass
+        assert accuracy.max_rel_err(out, ref) > w.tolerance, bad
+
+
+def test_sample_oracle_is_a_float64_reference_not_the_eager_peer():
+    from cases import end_to_end as e2e
+
+    plan = Plan(torch.device("cpu"), smallest=True, compile=False)
+    w = e2e._sample_workload(plan, "DiT-S/2", (2, 4, 8, 8), 2)
+    ref = w.oracle()
+    assert ref.dtype == torch.float64
+    eager, fused = w.eager(*w.args), w.fused(*w.args)
+    assert 0 < accuracy.max_rel_err(eager, ref) <= w.tolerance  # the float32 model differs from the float64 one
+    assert 0 < accuracy.max_rel_err(fused, ref) <= w.tolerance
+    assert accuracy.max_rel_err(fused * (1 + 10 * w.tolerance), ref) > w.tolerance
+
+
+def test_linear_coefficients_note_matches_the_reference_aliasing():
+    # The note says the reference returns t itself for Linear / ReLinear: keep it true.
+    import ucgm_fast
+    from cases import transport
+
+    t = torch.rand(8) * 0.9 + 0.05
+    aliased = {}
+    for name in ucgm_fast.TRANSPORTS:
+        outs = ucgm_fast.reference.coefficients(t, name)
+        names = [n for n, o in zip(("alpha_in", "gamma_in", "alpha_to", "gamma_to"), outs) if o is t]
+        if names:
+            aliased[name] = names[0]
+    assert aliased == transport.ALIASED
 
 
 def test_in_turn_prepare_runs_untimed_before_each_sample():

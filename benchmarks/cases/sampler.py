@@ -14,7 +14,8 @@ from functools import partial
 
 import torch
 
-from ucgm_fast import sampler_correct, sampler_noise, sampler_step  # ImportError (group skipped) before the sampler lands
+# A missing op is an error, not a skipped group (see harness/case.py discover).
+from ucgm_fast import sampler_correct, sampler_noise, sampler_step
 from ucgm_fast import reference
 from harness.case import Case, Plan, Workload, to_float64
 from ._sampler_peers import peers_for
@@ -39,15 +40,28 @@ def fused_step(F, x, t, t_next, transport, step, kappa, e, x_prev, z_prev, noise
                         x_prev=x_prev, z_prev=z_prev)
 
 
+# With extrapolation buffers the step also writes x_prev and z_prev (in place, the reference as the
+# kernel): those wrappers return them after x_next, so the check covers every tensor the row's
+# bytes count. No clone: a peer's output is checked right after its first call (after reset).
+def eager_step_buffered(F, x, t, t_next, transport, step, kappa, e, x_prev, z_prev, noise):
+    return eager_step(F, x, t, t_next, transport, step, kappa, e, x_prev, z_prev, noise), x_prev, z_prev
+
+
+def fused_step_buffered(F, x, t, t_next, transport, step, kappa, e, x_prev, z_prev, noise):
+    return fused_step(F, x, t, t_next, transport, step, kappa, e, x_prev, z_prev, noise), x_prev, z_prev
+
+
+# Order 2 returns (corrected state, the step's raw x_hat): the x_hat a sampling loop reports is
+# written by the step, and counted in the row's bytes, so it is checked too.
 def eager_order2(F, F_next, x, t, t_next, transport, noise):
-    x_next, _, z_hat = reference.sampler.sampler_step(F, x, t, t_next, transport, stochast_ratio=0.0, noise=noise,
-                                                      return_hats=True)
-    return reference.sampler.sampler_correct(F_next, x_next, x, z_hat, t, t_next, transport)
+    x_next, x_hat, z_hat = reference.sampler.sampler_step(F, x, t, t_next, transport, stochast_ratio=0.0,
+                                                          noise=noise, return_hats=True)
+    return reference.sampler.sampler_correct(F_next, x_next, x, z_hat, t, t_next, transport), x_hat
 
 
 def fused_order2(F, F_next, x, t, t_next, transport, noise):
-    x_next, _, z_hat = sampler_step(F, x, t, t_next, transport, stochast_ratio=0.0, seed=SEED, return_hats=True)
-    return sampler_correct(F_next, x_next, x, z_hat, t, t_next, transport)
+    x_next, x_hat, z_hat = sampler_step(F, x, t, t_next, transport, stochast_ratio=0.0, seed=SEED, return_hats=True)
+    return sampler_correct(F_next, x_next, x, z_hat, t, t_next, transport), x_hat
 
 
 def _workload(plan: Plan, variant: str, transport: str, shape: tuple, dtype: torch.dtype) -> Workload:
@@ -80,14 +94,18 @@ def _workload(plan: Plan, variant: str, transport: str, shape: tuple, dtype: tor
 
     def oracle():
         a = list(to_float64(args))
-        if buffers:  # the starting buffers, copied: the oracle must not write into the peers'
-            a[8], a[9] = (v.double() for v in start)
-        return eager_step(*a)
+        if not buffers:
+            return eager_step(*a)
+        # Its own float64 buffers, from the starting ones: the oracle must not write into the
+        # peers'. The reference writes the step's raw estimates into them in place, as the kernel.
+        a[8], a[9] = (v.double() for v in start)
+        return eager_step_buffered(*a)
 
     # read F, x, write x_next (the fused kernel makes its noise); extrapolation: read and write both buffers.
     # Numba (CPU) / CuPy (CUDA) peers, where installed: the plain order-1 step only.
     peers = {} if buffers else peers_for(plan.device.type)
-    return Workload(args=args, eager=eager_step, fused=fused_step, oracle=oracle,
+    return Workload(args=args, eager=eager_step_buffered if buffers else eager_step,
+                    fused=fused_step_buffered if buffers else fused_step, oracle=oracle,
                     nbytes=(7 if buffers else 3) * n * size, peers=dict(peers), reset=reset)
 
 

@@ -1,9 +1,10 @@
 """What a benchmark case is, the sizes it runs at, and how case modules are found.
 
-A case module (``benchmarks/cases/<group>.py``) imports the ops it measures at the top, so a
-group whose ops do not exist yet fails to import and is skipped with the reason shown. It
+A case module (``benchmarks/cases/<group>.py``) imports the ops it measures at the top and
 defines ``cases(plan) -> iterable of Case``; each Case builds its :class:`Workload` lazily, so
-only one row's tensors are alive at a time.
+only one row's tensors are alive at a time. A group that needs a missing third-party package is
+skipped with the reason shown; a missing ucgm_fast op or harness module is an error (see
+:func:`discover`).
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class Workload:
     #                                             peer's first (checked) call
     prepare: dict = field(default_factory=dict)  # {peer: fn} run before each of its samples taken in
     #                                              turn, untimed: undoes what the other peers did to it
+    notes: list = field(default_factory=list)   # lines the harness appends to the row's notes: what a
+    #                                             reader must know to read its numbers (e.g. the oracle)
 
 
 @dataclass
@@ -128,11 +131,24 @@ def to_float64(args: tuple) -> tuple:
     return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
+# Modules of this project: an ImportError naming one of them is a bug (a renamed op, a broken
+# build, a typo), never a reason to skip a group quietly.
+OWN_MODULES = ("ucgm_fast", "harness", "cases")
+
+
+def _own_module(name: Optional[str]) -> bool:
+    """Whether an ImportError's ``name`` is one of :data:`OWN_MODULES` (or has none: nothing to blame)."""
+    return name is None or any(name == m or name.startswith(m + ".") for m in OWN_MODULES)
+
+
 def discover(package: str = "cases") -> tuple[dict, dict]:
     """Imports every module of ``package``; returns ({group: module}, {group: why it was skipped}).
 
-    Only ImportError skips a group (its ops are not in this build of ucgm_fast yet); any other
-    error in a case module is a bug and propagates.
+    A group is skipped (with the reason) only when it needs a third-party package that is not
+    installed. Every op the groups measure exists in ucgm_fast, so an ImportError of ucgm_fast
+    itself, of the harness or of a case module (or one that names no module) propagates: it used
+    to drop the whole group while the run still exited 0. Any other error in a case module is a
+    bug and propagates too.
     """
     pkg = importlib.import_module(package)
     groups, skipped = {}, {}
@@ -142,7 +158,9 @@ def discover(package: str = "cases") -> tuple[dict, dict]:
         try:
             module = importlib.import_module(f"{package}.{info.name}")
         except ImportError as exc:
-            skipped[info.name] = f"{type(exc).__name__}: {exc}"
+            if _own_module(exc.name) or exc.name.split(".")[0] == package.split(".")[0]:
+                raise
+            skipped[info.name] = f"needs {exc.name}: {type(exc).__name__}: {exc}"
             continue
         if not callable(getattr(module, "cases", None)):
             raise TypeError(f"benchmark case module {package}.{info.name} must define cases(plan)")

@@ -2,14 +2,18 @@
 
 CPU samples use ``time.perf_counter`` around ``inner`` back-to-back calls (enough calls for a
 sample to last a few milliseconds, so timer resolution and jitter stay small). CUDA samples use
-CUDA events on the current stream; at sizes that do not fit in L2 every sample times one call
-after a write that evicts L2, so no call reads the previous one's data from cache. CPU rows and
+CUDA events on the current stream. At sizes that do not fit in the cache that bounds the device's
+memory traffic (the GPU's L2, the CPU's last-level cache) every sample times one call after a
+write that evicts that cache, so no call reads the previous one's data from cache. CPU rows and
 end-to-end rows take their peers' samples in turn instead (``time_in_turn``).
 """
 from __future__ import annotations
 
 import gc
+import glob
 import math
+import os
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -48,19 +52,86 @@ class Timing:
     repeats: int
     inner: int
     first_call_s: float  # wall time of the very first call: includes torch.compile's compilation
-    l2_flushed: bool
+    l2_flushed: bool     # the device's cache (GPU L2, CPU LLC) was evicted before every sample
 
 
 class L2Flusher:
-    """Evicts the GPU's L2 by writing a buffer twice its size."""
+    """Evicts the GPU's L2 by writing a buffer twice its size.
+
+    ``cache_bytes`` (the L2's size) is what a row must move to be timed after a flush.
+    """
+
+    name = "GPU L2"
 
     def __init__(self, device: torch.device):
         props = torch.cuda.get_device_properties(device)
-        self.l2_bytes = int(getattr(props, "L2_cache_size", 0)) or 64 * 2**20
+        self.l2_bytes = self.cache_bytes = int(getattr(props, "L2_cache_size", 0)) or 64 * 2**20
         self.buffer = torch.empty(2 * self.l2_bytes // 4 + 1, dtype=torch.float32, device=device)
 
     def __call__(self) -> None:
         self.buffer.fill_(1.0)
+
+
+DEFAULT_LLC_BYTES = 32 * 2**20  # where the machine does not say: a large desktop / small server L3
+
+
+def _parse_cache_size(text: str) -> int:
+    """'32768K', '1M', '512' (sysfs cache sizes) -> bytes; 0 when unreadable."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)\s*", text, re.IGNORECASE)
+    if not m:
+        return 0
+    return int(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2).upper()]
+
+
+def llc_bytes() -> int:
+    """Size of the CPU's last-level cache: sysfs (cpu0's highest-level data or unified cache),
+    then ``os.sysconf``, then :data:`DEFAULT_LLC_BYTES`."""
+    best = (0, 0)  # (level, bytes)
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(os.path.join(index, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(index, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(index, "size")) as f:
+                size = _parse_cache_size(f.read())
+        except (OSError, ValueError):
+            continue
+        if kind != "Instruction" and size > 0:
+            best = max(best, (level, size))
+    if best[1]:
+        return best[1]
+    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+        try:
+            size = os.sysconf(name)
+        except (ValueError, OSError):
+            continue
+        if size and size > 0:
+            return int(size)
+    return DEFAULT_LLC_BYTES
+
+
+class CPUFlusher:
+    """Evicts the CPU's last-level cache by writing a buffer twice its size.
+
+    A row that moves more than the LLC still finds part of its inputs in it after the previous
+    call; without the flush its large-size numbers would depend on how much of its working set
+    the last call left behind, unlike the CUDA rows. ``cache_bytes`` is the LLC's size.
+    """
+
+    name = "CPU LLC"
+
+    def __init__(self, cache_bytes: int | None = None):
+        self.cache_bytes = int(cache_bytes or llc_bytes())
+        self.buffer = torch.empty(2 * self.cache_bytes // 4 + 1, dtype=torch.float32)
+
+    def __call__(self) -> None:
+        self.buffer.fill_(1.0)
+
+
+def flusher_for(device: torch.device):
+    """The cache flusher of ``device``: :class:`L2Flusher` on CUDA, :class:`CPUFlusher` on CPU."""
+    return L2Flusher(device) if device.type == "cuda" else CPUFlusher()
 
 
 def _sync(device: torch.device) -> None:
@@ -117,9 +188,10 @@ def time_call(fn: Callable[..., Any], args: tuple, device: torch.device, budget:
     with ``fn`` alone, on CUDA event-timed ones.
     """
     first_call_s, out = first_call(fn, args, device)
-    if device.type != "cuda":
-        return time_in_turn({"fn": fn}, args, device, budget, {"fn": first_call_s})["fn"], out
     flush = bool(flush and flusher is not None)
+    if device.type != "cuda":
+        return time_in_turn({"fn": fn}, args, device, budget, {"fn": first_call_s},
+                            flusher=flusher if flush else None)["fn"], out
     per_call = _warm_up(fn, args, device, budget)
     inner = 1 if flush else max(1, math.ceil(budget.sample_s / per_call))
     repeats = _repeats(budget, inner * per_call)
@@ -128,8 +200,8 @@ def time_call(fn: Callable[..., Any], args: tuple, device: torch.device, budget:
 
 
 def time_in_turn(fns: dict[str, Callable[..., Any]], args: tuple, device: torch.device, budget: Budget,
-                 first_call_s: dict[str, float], prepare: dict[str, Callable[[], Any]] | None = None
-                 ) -> dict[str, Timing]:
+                 first_call_s: dict[str, float], prepare: dict[str, Callable[[], Any]] | None = None,
+                 flusher: Callable[[], Any] | None = None) -> dict[str, Timing]:
     """Times several functions on the same inputs, one sample of each in turn.
 
     Timed one after the other, peers see different conditions: on a shared machine other work,
@@ -140,10 +212,14 @@ def time_in_turn(fns: dict[str, Callable[..., Any]], args: tuple, device: torch.
     peer gets the repeats it would get alone. Call each function once first (:func:`first_call`)
     and pass that call's time in ``first_call_s``. ``prepare[name]()``, where given, runs before
     each of that peer's samples, untimed (peers that share state undo each other's changes there).
+    ``flusher()``, where given, evicts the cache before every peer's sample, untimed, and each
+    sample is then one call (as on CUDA): otherwise the peer sampled next would find the previous
+    peer's, or its own previous call's, data in cache.
     """
     prepare = prepare or {}
     per_call = {name: _warm_up(fn, args, device, budget) for name, fn in fns.items()}
-    inner = {name: max(1, math.ceil(budget.sample_s / t)) for name, t in per_call.items()}
+    inner = {name: 1 if flusher is not None else max(1, math.ceil(budget.sample_s / t))
+             for name, t in per_call.items()}
     repeats = _repeats(budget, max(inner[name] * per_call[name] for name in fns))
 
     def sample() -> dict[str, list[float]]:
@@ -152,6 +228,8 @@ def time_in_turn(fns: dict[str, Callable[..., Any]], args: tuple, device: torch.
             for name, fn in fns.items():
                 if name in prepare:
                     prepare[name]()
+                if flusher is not None:
+                    flusher()
                 _sync(device)
                 start = time.perf_counter()
                 for _ in range(inner[name]):
@@ -160,7 +238,7 @@ def time_in_turn(fns: dict[str, Callable[..., Any]], args: tuple, device: torch.
                 samples[name].append((time.perf_counter() - start) * 1e3 / inner[name])
         return samples
 
-    return {name: _timing(s, repeats, inner[name], first_call_s[name], False)
+    return {name: _timing(s, repeats, inner[name], first_call_s[name], flusher is not None)
             for name, s in _without_gc(sample).items()}
 
 
@@ -178,12 +256,16 @@ def _cuda_samples(fn, args, device, inner: int, repeats: int, flusher: L2Flusher
     return [begin.elapsed_time(end) / inner for begin, end in events]
 
 
-def copy_bandwidth(numel: int, device: torch.device, budget: Budget,
-                   flusher: L2Flusher | None = None) -> dict:
-    """Device copy bandwidth: ``dst.copy_(src)`` of ``numel`` float32, counting bytes read + written."""
+def copy_bandwidth(numel: int, device: torch.device, budget: Budget, flusher=None,
+                   flush: bool | None = None) -> dict:
+    """Device copy bandwidth: ``dst.copy_(src)`` of ``numel`` float32, counting bytes read + written.
+
+    The cache is evicted before every sample when ``flush`` (default: whenever a flusher is given).
+    """
     src = torch.rand(numel, dtype=torch.float32, device=device).add_(0.5)
     dst = torch.empty_like(src)
-    timing, _ = time_call(dst.copy_, (src,), device, budget, flusher, flush=flusher is not None)
+    flush = flusher is not None if flush is None else flush
+    timing, _ = time_call(dst.copy_, (src,), device, budget, flusher, flush=flush)
     nbytes = 2 * src.numel() * src.element_size()
     return {"numel": numel, "bytes": nbytes, "ms": timing.median_ms, "min_ms": timing.min_ms,
             "max_ms": timing.max_ms, "gbps": nbytes / (timing.median_ms * 1e-3) / 1e9,
