@@ -149,9 +149,10 @@ int ucgm_loss_cpu(int f_dtype, int target_dtype, const void* F, const void* targ
     const int64_t n = channels * positions;
     const Acc h = huber_eps;
     Scratch<Acc> row_loss(rows);
+    ThreadScratch<Acc> scratch(cosine ? 3 * positions : 0);
 #pragma omp parallel if (rows * n >= kParallelGrain)
     {
-      Scratch<Acc> stats(cosine ? 3 * positions : 0);
+      Acc* const stats = scratch.mine();
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < rows; ++b) {
         const SF* f = pf + b * n;
@@ -164,7 +165,7 @@ int ucgm_loss_cpu(int f_dtype, int target_dtype, const void* F, const void* targ
             sq += d * d;
           }
         } else {
-          Acc *dot = stats.data(), *ff = dot + positions, *tt = ff + positions;
+          Acc *dot = stats, *ff = dot + positions, *tt = ff + positions;
           for (int64_t p = 0; p < 3 * positions; ++p) dot[p] = 0;
           for (int64_t ch = 0; ch < channels; ++ch) {
             const SF* fc = f + ch * positions;
@@ -211,9 +212,10 @@ int ucgm_loss_backward_cpu(int f_dtype, int target_dtype, const void* grad_loss,
     ST* gt = static_cast<ST*>(grad_target);
     const int64_t n = channels * positions;
     const Acc g0 = Acc(*static_cast<const C*>(grad_loss)) / Acc(rows);
+    ThreadScratch<Acc> scratch(cosine ? 3 * positions : 0);
 #pragma omp parallel if (rows * n >= kParallelGrain)
     {
-      Scratch<Acc> stats(cosine ? 3 * positions : 0);
+      Acc* const stats = scratch.mine();
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < rows; ++b) {
         const Acc g = g0 * Acc(time_weight<C>(time_weighting != 0, pt[b * t_stride]));
@@ -228,7 +230,7 @@ int ucgm_loss_backward_cpu(int f_dtype, int target_dtype, const void* grad_loss,
           }
           continue;
         }
-        Acc *dot = stats.data(), *ff = dot + positions, *tt = ff + positions;
+        Acc *dot = stats, *ff = dot + positions, *tt = ff + positions;
         for (int64_t p = 0; p < 3 * positions; ++p) dot[p] = 0;
         for (int64_t ch = 0; ch < channels; ++ch) {
 #pragma omp simd

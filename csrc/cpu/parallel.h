@@ -79,6 +79,33 @@ class Scratch {
   T* p_;
 };
 
+// A zeroed scratch array of per_thread elements for each thread of the parallel regions to come,
+// allocated before them: an exception (std::bad_alloc) must not leave an OpenMP region, where it
+// would end the process instead of reaching Python as a MemoryError.
+template <typename T>
+class ThreadScratch {
+ public:
+  explicit ThreadScratch(int64_t per_thread) : per_(per_thread), all_(per_thread * max_threads()) {}
+  T* mine() {  // this thread's part; call inside the region
+#ifdef _OPENMP
+    return all_.data() + per_ * omp_get_thread_num();
+#else
+    return all_.data();
+#endif
+  }
+
+ private:
+  static int64_t max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+  }
+  int64_t per_;
+  Scratch<T> all_;
+};
+
 // Calls f(S{}, C{}) with the storage type S of dtype and its compute type C.
 template <typename F>
 int dispatch_dtype(int dtype, F&& f) {

@@ -2,6 +2,8 @@
 // the 16-bit formats, and a grid size that covers the device without oversubscribing it.
 #pragma once
 
+#include <atomic>
+
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -30,11 +32,15 @@ int dispatch_dtype_cuda(int dtype, F&& f) {
 
 // Grid-stride kernels: enough blocks to fill every SM a few times, never more than the work needs.
 inline int grid_size(int64_t work_items, int block) {
-  static int sm_count[64] = {0};
+  // Filled on first use per device; atomic because the binding releases the GIL (two host threads
+  // may launch at once; both would store the same count).
+  static std::atomic<int> sm_count[64] = {};
   int dev = 0;
   cudaGetDevice(&dev);
-  if (dev < 64 && sm_count[dev] == 0) cudaDeviceGetAttribute(&sm_count[dev], cudaDevAttrMultiProcessorCount, dev);
-  const int64_t cap = int64_t(dev < 64 && sm_count[dev] > 0 ? sm_count[dev] : 132) * 8;
+  int sms = dev < 64 ? sm_count[dev].load(std::memory_order_relaxed) : 0;
+  if (dev < 64 && sms == 0 && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess)
+    sm_count[dev].store(sms, std::memory_order_relaxed);
+  const int64_t cap = int64_t(sms > 0 ? sms : 132) * 8;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(cap, (work_items + block - 1) / block)));
 }
 
