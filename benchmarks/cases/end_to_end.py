@@ -40,6 +40,7 @@ between sampling loops whose profiles are identical.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from functools import partial
 
@@ -173,6 +174,18 @@ class FusedStep:
         return loss.detach() if grad is None else (loss.detach(), grad)
 
 
+@contextlib.contextmanager
+def _no_tf32():
+    """Float32 means float32 in the CUDA oracles: cuDNN convolutions (the DiT's patch embedding)
+    default to TF32, as may matmuls."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def train_reference(model, x, y, t, z, kw, dtype) -> tuple:
     """(loss, flat gradient) of the reference loss with ``model`` copied to ``dtype``, no autocast.
 
@@ -182,7 +195,7 @@ def train_reference(model, x, y, t, z, kw, dtype) -> tuple:
     ref = copy.deepcopy(model).to(dtype).requires_grad_(True)
     params = list(ref.parameters())
     cast = lambda v: v.to(dtype)
-    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False), _no_tf32():
         loss = reference.training_loss(ref, cast(x), y, cast(t), cast(z), target_model=ref,
                                        null_class=NUM_CLASSES, **kw)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -216,11 +229,15 @@ def _train_workload(plan: Plan, name: str, shape: tuple, variant: str, compiled:
     # are then the only other large allocation. float64 on CPU; float32 on CUDA (float64 DiT-XL/2
     # activations at batch 64 would not fit beside the row, and bf16 autocast dominates the error).
     notes = []
+    if cuda:  # the sampling rows' captured graphs (and the DiT-XL/2s they hold) are not needed here
+        ucgm_fast.clear_graph_cache()
+        torch.cuda.empty_cache()
     try:
         ref = train_reference(model, x, y, t, z, kw, torch.float32 if cuda else torch.float64)
     except torch.cuda.OutOfMemoryError:  # the row is still worth timing: reported, not checked
         ref = None
         notes.append("not checked: the float32 reference step ran out of device memory")
+    if ref is None:  # outside the except: its traceback no longer holds the reference's tensors
         torch.cuda.empty_cache()
     # With lr = 0 the weights never move, so both steps share one model (and one compiled module);
     # each owns its optimizer state, EMA and target network.
@@ -286,7 +303,8 @@ def sample_reference(model, noise, y, steps, kappa, pre_noise):
     """
     if noise.device.type == "cpu":
         model, noise = copy.deepcopy(model).double(), noise.double()
-    return _published_sample(model, noise, y, steps, kappa, pre_noise)
+    with _no_tf32():
+        return _published_sample(model, noise, y, steps, kappa, pre_noise)
 
 
 # max_rel_err bound of the sampling rows. CPU: float32 loops vs the float64 reference, measured at

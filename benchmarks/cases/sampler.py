@@ -42,7 +42,8 @@ def fused_step(F, x, t, t_next, transport, step, kappa, e, x_prev, z_prev, noise
 
 # With extrapolation buffers the step also writes x_prev and z_prev (in place, the reference as the
 # kernel): those wrappers return them after x_next, so the check covers every tensor the row's
-# bytes count. No clone: a peer's output is checked right after its first call (after reset).
+# bytes count. No clone: on CPU a peer's output is checked right after its first call (after reset);
+# on CUDA after its timed calls too, which rewrite the buffers with the same raw estimates.
 def eager_step_buffered(F, x, t, t_next, transport, step, kappa, e, x_prev, z_prev, noise):
     return eager_step(F, x, t, t_next, transport, step, kappa, e, x_prev, z_prev, noise), x_prev, z_prev
 

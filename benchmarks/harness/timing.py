@@ -4,7 +4,7 @@ CPU samples use ``time.perf_counter`` around ``inner`` back-to-back calls (enoug
 sample to last a few milliseconds, so timer resolution and jitter stay small). CUDA samples use
 CUDA events on the current stream. At sizes that do not fit in the cache that bounds the device's
 memory traffic (the GPU's L2, the CPU's last-level cache) every sample times one call after a
-write that evicts that cache, so no call reads the previous one's data from cache. CPU rows and
+read that evicts that cache, so no call reads the previous one's data from cache. CPU rows and
 end-to-end rows take their peers' samples in turn instead (``time_in_turn``).
 """
 from __future__ import annotations
@@ -56,7 +56,8 @@ class Timing:
 
 
 class L2Flusher:
-    """Evicts the GPU's L2 by writing a buffer twice its size.
+    """Evicts the GPU's L2 by reading a buffer twice its size (read, as :class:`CPUFlusher` does:
+    a written buffer would leave dirty lines whose write-back the timed call would pay).
 
     ``cache_bytes`` (the L2's size) is what a row must move to be timed after a flush.
     """
@@ -66,10 +67,10 @@ class L2Flusher:
     def __init__(self, device: torch.device):
         props = torch.cuda.get_device_properties(device)
         self.l2_bytes = self.cache_bytes = int(getattr(props, "L2_cache_size", 0)) or 64 * 2**20
-        self.buffer = torch.empty(2 * self.l2_bytes // 4 + 1, dtype=torch.float32, device=device)
+        self.buffer = torch.ones(2 * self.l2_bytes // 4 + 1, dtype=torch.float32, device=device)
 
     def __call__(self) -> None:
-        self.buffer.fill_(1.0)
+        self.buffer.sum()
 
 
 DEFAULT_LLC_BYTES = 32 * 2**20  # where the machine does not say: a large desktop / small server L3
