@@ -15,6 +15,15 @@ if [ -n "${VIRTUAL_ENV:-}" ]; then
   site() { "$1" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"; }
   site python3 > "$(site "$venv/bin/python")/_parent_venv.pth"
 fi
+# The build backend (pyproject.toml's [build-system] requires) goes into the sanitizer's venv: a
+# plain `pip install .` builds in an isolated environment, so neither CI's virtualenv nor a bare
+# base interpreter has it (a CI run failed on "No module named 'scikit_build_core'").
+"$venv/bin/python" - <<'PY' > "$venv/build-requires.txt"
+import tomllib
+with open("pyproject.toml", "rb") as f:
+    print("\n".join(tomllib.load(f)["build-system"]["requires"]))
+PY
+"$venv/bin/python" -m pip install -q -r "$venv/build-requires.txt"
 "$venv/bin/python" -m pip install -q --no-build-isolation \
   -Ccmake.define.UCGM_SANITIZE=ON -Ccmake.define.UCGM_ENABLE_CUDA=OFF -Cbuild-dir=build/sanitize .
 asan=$(gcc -print-file-name=libasan.so)
