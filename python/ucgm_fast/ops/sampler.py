@@ -102,6 +102,8 @@ torch.library.define(
     f"{_NS}::sampler_step",
     "(Tensor F, Tensor x, Tensor(a!) x_prev, Tensor(b!) z_prev, Tensor sched, Tensor seed, int step, int transport, "
     "int extrapol_mode, bool hats) -> (Tensor, Tensor, Tensor)")
+
+
 def _check_schedule(op, x, sched, seed=None):
     if sched.device != x.device or sched.dtype != torch.float64 or sched.numel() < 4 or not sched.is_contiguous():
         raise ValueError(f"ucgm_fast::{op}: sched must be 4 contiguous float64 values on {x.device}")
@@ -133,6 +135,8 @@ def _step_fake(F, x, x_prev, z_prev, sched, seed, step, transport, extrapol_mode
 
 torch.library.define(f"{_NS}::sampler_correct",
                      "(Tensor F, Tensor x_next, Tensor x, Tensor z_hat, Tensor sched, int transport) -> Tensor")
+
+
 def _correct_op(F, x_next, x, z_hat, sched, transport):
     check_raw("sampler_correct", x, same=(x_next,), shaped=(F, z_hat))
     _check_schedule("sampler_correct", x, sched)
@@ -148,6 +152,8 @@ def _correct_fake(F, x_next, x, z_hat, sched, transport):
 
 
 torch.library.define(f"{_NS}::philox_noise", "(Tensor seed, int step, int numel, bool raw) -> Tensor")
+
+
 def _philox_op(seed, step, numel, raw):
     if seed.dtype != torch.int64 or seed.numel() < 1 or numel < 0:
         raise ValueError("ucgm_fast::philox_noise: seed must be an int64 tensor and numel >= 0")

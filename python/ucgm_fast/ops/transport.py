@@ -13,7 +13,7 @@ import torch
 
 from ..reference import transport as reference
 from .._kernels import DTYPE_CODE, Kernel, eager_fast_path, fresh_outputs, needs_reference, plain_eager
-from .._validate import FLOAT_DTYPES, batch_times, check_data, check_raw, compute_dtype
+from .._validate import FLOAT_DTYPES, batch_times, check_data, check_raw
 from ..transports import TRANSPORTS, get_transport
 
 __all__ = ["coefficients", "interpolate", "decode"]
