@@ -125,7 +125,7 @@ Method: each peer is called once (its wall time, which includes torch.compile's 
 `speedup_*_best` from the fastest samples, steadier on a shared machine) of
 repeated samples: `time.perf_counter` around back-to-back calls on CPU, CUDA events on CUDA. Rows
 that move more than the GPU's L2 (on CPU, the last-level cache) take one call per sample, each
-after a write of twice that cache (`l2_flushed` in the JSON). CPU rows and end-to-end rows take one
+after a read of twice that cache (`l2_flushed` in the JSON). CPU rows and end-to-end rows take one
 sample of each peer in turn (wall clock, device synchronized), so drift over the row (other work
 on the machine, clocks) falls on every peer alike. Inputs are random normal data (never
 zeros) with per-sample times in [0.02, 0.98]. *eager* is `ucgm_fast.reference` (the published

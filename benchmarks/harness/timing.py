@@ -55,22 +55,37 @@ class Timing:
     l2_flushed: bool     # the device's cache (GPU L2, CPU LLC) was evicted before every sample
 
 
-class L2Flusher:
-    """Evicts the GPU's L2 by reading a buffer twice its size (read, as :class:`CPUFlusher` does:
-    a written buffer would leave dirty lines whose write-back the timed call would pay).
+class CacheFlusher:
+    """Evicts a cache of ``cache_bytes`` by reading a buffer twice its size on ``device``.
 
-    ``cache_bytes`` (the L2's size) is what a row must move to be timed after a flush.
+    A row that moves more than the cache still finds part of its inputs in it after the previous
+    call; without the flush its large-size numbers would depend on how much of its working set
+    the last call left behind. A read, not a write: a written buffer would leave the cache full of
+    dirty lines, whose write-back the timed call would then pay (measured on CPU: the 4M-element
+    copy fell from ~25 to ~19 GB/s); the previous call's dirty outputs are written back during the
+    flush instead. The buffer is written once, so its pages are real (untouched pages all read the
+    one zero page, evicting nothing). ``cache_bytes`` is what a row must move to be timed after a flush.
     """
+
+    name = "cache"
+
+    def __init__(self, cache_bytes: int, device: torch.device | str = "cpu"):
+        self.cache_bytes = int(cache_bytes)
+        self.buffer = torch.ones(2 * self.cache_bytes // 4 + 1, dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        self.buffer.sum()
+
+
+class L2Flusher(CacheFlusher):
+    """The GPU's L2 (its size from the device properties, 64 MiB where unknown)."""
 
     name = "GPU L2"
 
     def __init__(self, device: torch.device):
         props = torch.cuda.get_device_properties(device)
-        self.l2_bytes = self.cache_bytes = int(getattr(props, "L2_cache_size", 0)) or 64 * 2**20
-        self.buffer = torch.ones(2 * self.l2_bytes // 4 + 1, dtype=torch.float32, device=device)
-
-    def __call__(self) -> None:
-        self.buffer.sum()
+        super().__init__(int(getattr(props, "L2_cache_size", 0)) or 64 * 2**20, device)
+        self.l2_bytes = self.cache_bytes
 
 
 DEFAULT_LLC_BYTES = 32 * 2**20  # where the machine does not say: a large desktop / small server L3
@@ -112,26 +127,13 @@ def llc_bytes() -> int:
     return DEFAULT_LLC_BYTES
 
 
-class CPUFlusher:
-    """Evicts the CPU's last-level cache by reading a buffer twice its size.
-
-    A row that moves more than the LLC still finds part of its inputs in it after the previous
-    call; without the flush its large-size numbers would depend on how much of its working set
-    the last call left behind, unlike the CUDA rows. ``cache_bytes`` is the LLC's size. A read,
-    not a write: a written buffer would leave the cache full of dirty lines, whose write-back the
-    timed call would then pay (measured: the 4M-element copy fell from ~25 to ~19 GB/s). The
-    previous call's dirty outputs are written back during the flush instead. The buffer is written
-    once, so its pages are real (untouched pages all read the one zero page, evicting nothing).
-    """
+class CPUFlusher(CacheFlusher):
+    """The CPU's last-level cache (its size from :func:`llc_bytes` unless given)."""
 
     name = "CPU LLC"
 
     def __init__(self, cache_bytes: int | None = None):
-        self.cache_bytes = int(cache_bytes or llc_bytes())
-        self.buffer = torch.ones(2 * self.cache_bytes // 4 + 1, dtype=torch.float32)
-
-    def __call__(self) -> None:
-        self.buffer.sum()
+        super().__init__(cache_bytes or llc_bytes())
 
 
 def flusher_for(device: torch.device):
@@ -185,7 +187,7 @@ def _timing(samples: list[float], repeats: int, inner: int, first_call_s: float,
 
 
 def time_call(fn: Callable[..., Any], args: tuple, device: torch.device, budget: Budget,
-              flusher: L2Flusher | None = None, flush: bool = False) -> tuple[Timing, Any]:
+              flusher: CacheFlusher | None = None, flush: bool = False) -> tuple[Timing, Any]:
     """Times ``fn(*args)``; returns the timing and the output of the first call (for checking).
 
     The first call runs alone and is timed on the wall clock (it carries torch.compile's
@@ -247,7 +249,7 @@ def time_in_turn(fns: dict[str, Callable[..., Any]], args: tuple, device: torch.
             for name, s in _without_gc(sample).items()}
 
 
-def _cuda_samples(fn, args, device, inner: int, repeats: int, flusher: L2Flusher | None) -> list[float]:
+def _cuda_samples(fn, args, device, inner: int, repeats: int, flusher: CacheFlusher | None) -> list[float]:
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(repeats)]
     for begin, end in events:
