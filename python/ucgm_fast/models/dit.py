@@ -462,6 +462,7 @@ DiT_models = {
 #: (``get_model("TiT-XL/2")`` = DiT-XL/2 with these options).
 TIT_OPTIONS = {"use_rmsnorm": True, "qk_norm": True, "use_swiglu": True, "use_rope": True}
 
+
 def resolve_model_name(name, options: dict):
     """(registry name, options) that ``name`` stands for: ``TiT-*`` is the DiT of that size with
     :data:`TIT_OPTIONS` (the given options win); any other name is returned as it is."""

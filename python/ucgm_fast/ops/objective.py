@@ -419,7 +419,7 @@ def _enhance(x, z, F_w, F_wo, tt, tr, e, lo, hi, ndrop, return_target):
     args = (x.detach(), z.detach(), F_w.detach(), None if F_wo is None else F_wo.detach(), tt.detach())
     if tr.id is None:
         out = reference.enhance_target_op(*args, ndrop, e, lo, hi, tr, return_target)
-    elif eager_fast_path(*args[:3], tt):
+    elif plain_eager(*args[:3], args[4]):  # detached: no autograd to record
         out = _enhance_kernel(*args, ndrop, e, lo, hi, tr.id, return_target)
     else:
         out = torch.ops.ucgm_fast.enhance_target(*args, ndrop, e, lo, hi, tr.id, return_target)
@@ -462,7 +462,7 @@ def _fd_inputs(x, z, tt, tr, lam, eps):
     x, z, tt = x.detach(), z.detach(), tt.detach()  # inputs of no-grad model passes: constants
     if tr.id is None:
         return reference.fd_inputs_op(x, z, tt, lam, eps, tr)
-    if eager_fast_path(x, z, tt):
+    if plain_eager(x, z, tt):  # detached: no autograd to record
         return _fd_inputs_kernel(x, z, tt, lam, eps, tr.id)
     return torch.ops.ucgm_fast.fd_inputs(x, z, tt, lam, eps, tr.id)
 
@@ -512,7 +512,7 @@ def _fd_target(F_t, F_a, F_b, x, z, tt, tr, lam, eps):
     args = tuple(v.detach() for v in (F_t, F_a, F_b, x, z, tt))
     if tr.id is None:
         return reference.fd_target_op(*args, lam, eps, tr)
-    if eager_fast_path(*args):
+    if plain_eager(*args):  # detached: no autograd to record
         return _fd_target_kernel(*args, lam, eps, tr.id)
     return torch.ops.ucgm_fast.fd_target(*args, lam, eps, tr.id)
 
