@@ -180,6 +180,9 @@ def test_max_rel_err_and_bounds():
     assert accuracy.bound(torch.float32, 1e-5) == pytest.approx(2e-5)  # ill-conditioned: 2x eager's own error
     assert accuracy.bound(torch.float32, 1e-5, override=1e-3) == 1e-3
     assert accuracy.bound(torch.float32, 0.05, override=2e-2) == pytest.approx(0.1)  # bf16 model: eager's error
+    # an eager peer far off the float64 oracle means the oracle is broken: the bound widens no further
+    assert accuracy.bound(torch.float64, 0.2) == pytest.approx(accuracy.WIDEN_CAP * 1e-12)
+    assert accuracy.bound(torch.float32, 0.2, override=2e-2) == pytest.approx(0.4)
 
 
 def test_results_are_written_when_the_chart_fails(tmp_path, monkeypatch, capsys):
@@ -261,14 +264,14 @@ def test_cpu_timing_reports_median_between_min_and_max():
     assert 0 < t.min_ms <= t.median_ms <= t.max_ms and t.repeats >= timing.QUICK.min_repeats and t.inner >= 1
 
 
-def test_extrapolating_step_row_detects_a_wrong_ratio():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extrapolating_step_row_detects_a_wrong_ratio(dtype):
     # The row's buffers start at another step's estimates, so the extrapolation term is not zero
     # in the checked call; a step with the wrong ratio must fail it.
     from harness.case import Plan
     from cases import sampler as cases
 
-    w = cases._workload(Plan(torch.device("cpu"), smallest=True), "order=1,extrapolate", "Linear", (3, 2, 5),
-                        torch.float32)
+    w = cases._workload(Plan(torch.device("cpu"), smallest=True), "order=1,extrapolate", "Linear", (3, 2, 5), dtype)
     ref = w.oracle()
     for e, ok in ((cases.EXTRAPOLATION, True), (0.0, False), (10 * cases.EXTRAPOLATION, False)):
         for _ in range(2):  # the step overwrites its buffers: reset makes every checked call start alike
@@ -276,16 +279,17 @@ def test_extrapolating_step_row_detects_a_wrong_ratio():
             args = list(w.args)
             args[7] = e
             err = accuracy.max_rel_err(w.fused(*args), ref)
-            assert (err <= accuracy.TOLERANCE[torch.float32]) == ok, (e, err)
+            assert (err <= accuracy.TOLERANCE[dtype]) == ok, (e, err)
 
 
-def test_extrapolating_step_row_checks_the_buffers():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extrapolating_step_row_checks_the_buffers(dtype):
     # The step also writes x_prev and z_prev (counted in the row's bytes): a fused step that gets
-    # x_next right but leaves wrong buffers must fail the row.
+    # x_next right but leaves wrong buffers must fail the row. In float64 the oracle's buffers
+    # must be its own: it ran first and once wrote its estimates into the ones reset restores.
     from cases import sampler as cases
 
-    w = cases._workload(Plan(torch.device("cpu"), smallest=True), "order=1,extrapolate", "Linear", (3, 2, 5),
-                        torch.float32)
+    w = cases._workload(Plan(torch.device("cpu"), smallest=True), "order=1,extrapolate", "Linear", (3, 2, 5), dtype)
     ref = w.oracle()
     assert len(ref) == 3 and all(r.dtype == torch.float64 for r in ref)
     x_prev, z_prev = w.args[8], w.args[9]
@@ -301,7 +305,7 @@ def test_extrapolating_step_row_checks_the_buffers():
         x_prev.copy_(saved[0]), z_prev.copy_(saved[1])
         return out
 
-    tol = accuracy.TOLERANCE[torch.float32]
+    tol = accuracy.TOLERANCE[dtype]
     for fn, ok in ((w.fused, True), (w.eager, True), (scribbles, False), (skips_buffers, False)):
         w.reset()
         err = accuracy.max_rel_err(fn(*w.args), ref)

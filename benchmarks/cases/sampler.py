@@ -97,9 +97,11 @@ def _workload(plan: Plan, variant: str, transport: str, shape: tuple, dtype: tor
         a = list(to_float64(args))
         if not buffers:
             return eager_step(*a)
-        # Its own float64 buffers, from the starting ones: the oracle must not write into the
-        # peers'. The reference writes the step's raw estimates into them in place, as the kernel.
-        a[8], a[9] = (v.double() for v in start)
+        # Its own float64 buffers, copied from the starting ones: the reference writes the step's
+        # raw estimates into them in place, as the kernel does, and must not change ``start``
+        # (.double() of a float64 tensor is the tensor itself: every reset then restored the
+        # oracle's output, and both peers missed it by 0.2 at float64).
+        a[8], a[9] = (v.to(torch.float64, copy=True) for v in start)
         return eager_step_buffered(*a)
 
     # read F, x, write x_next (the fused kernel makes its noise); extrapolation: read and write both buffers.

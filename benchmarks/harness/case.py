@@ -127,8 +127,13 @@ class Plan:
 
 
 def to_float64(args: tuple) -> tuple:
-    """args with every floating tensor cast to float64 (the oracle's inputs)."""
-    return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    """args with every floating tensor as a float64 copy (the oracle's inputs).
+
+    Always a copy: ``.double()`` of a float64 tensor is that tensor, so an oracle that writes in
+    place (the sampler's extrapolation buffers) would otherwise change the peers' inputs.
+    """
+    return tuple(a.to(torch.float64, copy=True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
 
 
 # Modules of this project: an ImportError naming one of them is a bug (a renamed op, a broken
