@@ -15,6 +15,7 @@ SIGTERM), after writing the rows measured so far.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -54,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="leave glibc's malloc thresholds alone (by default they are fixed so that fresh outputs "
                         "do not page-fault on every call; see harness/env.py steady_malloc)")
     p.add_argument("--list", action="store_true", help="list the rows that would run, and exit")
+    p.add_argument("--redraw", nargs="+", metavar="JSON",
+                   help="draw <stem>.png (and relink <stem>.md) from results an earlier run wrote, and exit")
     return p.parse_args(argv)
 
 
@@ -235,6 +238,31 @@ def _draw_chart(rows: list[dict], path: str, title: str) -> str | None:
         return f"drawing it failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
+def _chart_title(result: dict) -> str:
+    return f"ucgm_fast fused speedups: {result['environment']['device_name']} ({result['mode']})"
+
+
+def _redraw(paths: list[str]) -> int:
+    """Draws each results JSON's chart beside it and relinks its .md; 1 if one could not be drawn.
+
+    For results measured elsewhere: a GPU lease returns few files, so scripts/gpu_check.sh leaves
+    the charts behind there and they are drawn here from the JSON.
+    """
+    status = 0
+    for path in paths:
+        with open(path) as f:
+            result = json.load(f)
+        stem = path[:-len(".json")] if path.endswith(".json") else path
+        why = _draw_chart(result["rows"], stem + ".png", _chart_title(result))
+        if why is None:
+            _write_markdown(stem + ".md", result, os.path.basename(stem + ".png"))
+            _progress(f"drew {stem}.png")
+        else:
+            _progress(f"{path}: no chart: {why}")
+            status = 1
+    return status
+
+
 def _fmt_progress(row: dict) -> str:
     ms = lambda k: "-" if row.get(k) is None else f"{row[k]:.4g}"
     s = f"eager {ms('eager_ms')} | compile {ms('compile_ms')} | fused {ms('fused_ms')} ms"
@@ -249,6 +277,8 @@ def _fmt_progress(row: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.redraw:
+        return _redraw(args.redraw)
     started = time.perf_counter()
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -317,7 +347,7 @@ def main(argv=None) -> int:
         _write_markdown(stem + ".md", result, None)
         if not final:
             return result, "not drawn before the run ends"
-        no_chart = _draw_chart(rows, stem + ".png", f"ucgm_fast fused speedups: {env['device_name']} ({mode})")
+        no_chart = _draw_chart(rows, stem + ".png", _chart_title(result))
         if no_chart is None:
             _write_markdown(stem + ".md", result, os.path.basename(stem + ".png"))
         return result, no_chart

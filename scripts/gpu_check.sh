@@ -7,11 +7,14 @@
 #    pybind11, CMake and ninja; builds only for this GPU's architecture unless UCGM_CUDA_ARCHS is set)
 # 2. prints ucgm_fast.build_info()
 # 3. runs the test suite (its CUDA-parametrized tests run here); a failure does not stop the script
-# 4. runs python benchmarks/run.py --device cuda --quick over the op groups, then the end-to-end group
-#    (DiT training step and sampling; compiles a DiT, so it has its own time limit)
-# STAGES (default "install tests bench e2e") picks the steps; an unknown name is an error. Within a
-# 10-minute command limit, one call does it all (as on the H100, 2026-11-26: build 24 s, CUDA tests
-# 96 s, op benchmark 50 s, the rest end to end, sampling rows first):
+# 4. runs python benchmarks/run.py --device cuda --quick over the op groups
+# 5. profile: benchmarks/profile_objective.py (where the objective step's time goes, fused and eager)
+# 6. variants: builds and runs benchmarks/cuda_mix_variants.cu (the transport kernels against variants
+#    that change one thing each, at 64M float32)
+# 7. the end-to-end group (DiT training step and sampling; compiles a DiT, so it has its own time limit)
+# STAGES (default "install tests bench profile variants e2e") picks the steps; an unknown name is an
+# error. Within a 10-minute command limit, one call does it all (as on the H100, 2026-11-27: build
+# 24 s, CUDA tests 90 s, op benchmark 25-50 s, end to end 203 s, sampling rows first):
 #   DEADLINE=565 TEST_TIMEOUT=150 BENCH_TIMEOUT=150 E2E_TIMEOUT=320 PYTEST_ARGS="-q tests -k cuda" \
 #     bash scripts/gpu_check.sh
 # A device lease of 15 minutes (start included) holds one such call. E2E_ARGS (default --quick) passes
@@ -21,8 +24,8 @@
 #   DEADLINE=580 STAGES="install e2e" E2E_TIMEOUT=540 E2E_SUFFIX=_e2e_train \
 #     E2E_ARGS="--match train_step/DiT-XL/2|lambda=0,model=compiled" bash scripts/gpu_check.sh
 # (E2E_SUFFIX, default _e2e, names that stage's result files: <gpu><suffix>.*).
-# Results: <gpu>.{json,md,png}, <gpu>_e2e.* and <gpu>_pytest.log (e.g. nvidia-h100.json), written
-# straight into $OUT when it is set (so whatever a killed call had written still comes back) and
+# Results: <gpu>.{json,md,png}, <gpu>_e2e.*, <gpu>_pytest.log, <gpu>_profile.txt and <gpu>_variants.txt
+# (e.g. nvidia-h100.json), written straight into $OUT when it is set (so whatever a killed call had written still comes back) and
 # copied into benchmarks/results/ as each stage ends; the whole log is gpu_check.log. Exit status: 0
 # only when every step passed. Environment: PYTHON (default python3), PYTEST_ARGS (default "-q tests"),
 # TEST_TIMEOUT / BENCH_TIMEOUT / E2E_TIMEOUT in seconds (default 240, 180, 240: the whole check stays
@@ -39,11 +42,11 @@ LOGS=${OUT:-$(mktemp -d -t ucgm_gpu_check.XXXXXX)}
 mkdir -p "$LOGS" benchmarks/results
 export PYTHONUNBUFFERED=1
 
-STAGES=" ${STAGES:-install tests bench e2e} "
+STAGES=" ${STAGES:-install tests bench profile variants e2e} "
 for stage in $STAGES; do
   case "$stage" in
-    install|tests|bench|e2e) ;;
-    *) echo "gpu_check: unknown stage '$stage' in STAGES; valid: install tests bench e2e (space-separated)" >&2
+    install|tests|bench|profile|variants|e2e) ;;
+    *) echo "gpu_check: unknown stage '$stage' in STAGES; valid: install tests bench profile variants e2e (space-separated)" >&2
        exit 2 ;;
   esac
 done
@@ -85,8 +88,9 @@ if ! "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch
   echo "torch sees no CUDA device: nothing to check here"; return 1
 fi
 
+CAP=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")  # e.g. 90
 if [ -z "${UCGM_CUDA_ARCHS:-}" ]; then  # this GPU only: about half the nvcc time of the default list
-  UCGM_CUDA_ARCHS=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())") && export UCGM_CUDA_ARCHS
+  export UCGM_CUDA_ARCHS=$CAP
 fi
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 
@@ -134,6 +138,31 @@ if want bench; then
   keep "$NAME".{json,md,png}
 fi
 
+if want profile; then
+  step "profile: benchmarks/profile_objective.py"
+  timeout -k 10 "$(limit "${PROFILE_TIMEOUT:-90}")" "$PY" benchmarks/profile_objective.py --device cuda \
+    --out "$RESULTS/${NAME}_profile.txt"
+  rc=$?
+  [ "$rc" -eq 0 ] || { failed+=("profile (exit $rc)"); echo "profile failed (exit $rc)"; }
+  keep "${NAME}_profile.txt"
+fi
+
+if want variants; then
+  step "variants: benchmarks/cuda_mix_variants.cu (sm_$CAP)"
+  bin=$(mktemp -t mix_variants.XXXXXX)
+  # Built as the extension builds its kernels (--fmad=false: the variants must give the shipped bits).
+  if timeout -k 10 "$(limit 120)" nvcc -O3 -std=c++17 --expt-relaxed-constexpr --fmad=false \
+       -arch="sm_$CAP" -DUCGM_WITH_CUDA -Icsrc benchmarks/cuda_mix_variants.cu \
+       csrc/cuda/transport_ops.cu -o "$bin"; then
+    timeout -k 10 "$(limit "${VARIANTS_TIMEOUT:-90}")" "$bin" 2>&1 | tee "$RESULTS/${NAME}_variants.txt"
+    rc=${PIPESTATUS[0]}
+  else
+    rc=$?; echo "nvcc failed (exit $rc)"
+  fi
+  [ "$rc" -eq 0 ] || { failed+=("variants (exit $rc)"); echo "variants failed (exit $rc)"; }
+  keep "${NAME}_variants.txt"
+fi
+
 if want e2e; then
   E2E_NAME="${NAME}${E2E_SUFFIX:-_e2e}"
   step "benchmark: end to end (DiT training step, sampling) --name $E2E_NAME"
@@ -145,6 +174,11 @@ if want e2e; then
   keep "$E2E_NAME".{json,md,png}
 fi
 
+if [ -n "${OUT:-}" ]; then
+  # A device call returns at most 8 files: the charts stay behind; draw them from the JSON with
+  # python benchmarks/run.py --redraw benchmarks/results/<gpu>.json ...
+  rm -f "$OUT"/*.png
+fi
 step "results (in $RESULTS; copied into benchmarks/results as each stage ended)"
 if [ ${#failed[@]} -eq 0 ]; then
   echo "gpu_check: all steps passed ($NAME)"

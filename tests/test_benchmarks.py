@@ -467,3 +467,30 @@ def test_a_broken_row_is_reported_and_the_rest_still_run(tmp_path, monkeypatch):
     assert status == 1
     assert {r["op"] for r in rows} == {"decode"} and len(rows) == 6
     assert len(result["errors"]) == 1 and "signature changed" in result["errors"][0]
+
+
+def test_profile_objective_reports_both_peers(tmp_path, capsys):
+    import profile_objective
+
+    out = tmp_path / "profile.txt"
+    assert profile_objective.main(["--device", "cpu", "--shape", "8,2,3,3", "--steps", "2", "--rows", "5",
+                                   "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text == capsys.readouterr().out
+    for peer in ("fused (UCGM.loss)", "eager (reference.training_loss)"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"== {peer}: "))
+        assert float(line.split(": ")[1].split(" ms")[0]) > 0
+    # the published-style objective is many small ops, the fused one few: the counts say so
+    counts = [int(ln.split("per step: ")[1].split(" aten")[0]) for ln in text.splitlines() if "aten ops" in ln]
+    assert len(counts) == 2 and 0 < counts[0] < counts[1]
+    assert "Self CPU time total" in text
+
+
+def test_redraw_draws_the_chart_from_the_json(tmp_path):
+    status, _, _ = _run(tmp_path, "--no-compile", "--ops", "decode")
+    assert status == 0
+    png, md = tmp_path / "bench.png", tmp_path / "bench.md"
+    png.unlink()
+    md.write_text(md.read_text().replace("![speedups](bench.png)", ""))
+    assert run.main(["--redraw", str(tmp_path / "bench.json")]) == 0
+    assert png.stat().st_size > 0 and "![speedups](bench.png)" in md.read_text()
