@@ -339,3 +339,14 @@ def test_compiled_step_refuses_one_buffer_for_both_estimates():
     with pytest.raises(ValueError, match="must not share memory with each other"):
         step(F, x, buf, buf)
     assert step(F, x, buf, torch.zeros(2, 3)).shape == x.shape
+
+
+def test_step_refuses_torch_func_transforms():
+    F, x = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+    step = lambda F, x: ucgm_fast.sampler_step(F, x, 0.7, 0.4, "Linear", stochast_ratio=0.5)
+    with pytest.raises(RuntimeError, match=r"sampler_step does not run under torch.func transforms.*noise"):
+        torch.vmap(step)(F, x)
+    with pytest.raises(RuntimeError, match=r"sampler_step does not run under torch.func transforms"):
+        torch.func.grad(lambda x: step(F, x).sum())(x)
+    # the batched call itself is what vmap would have meant
+    assert step(F, x).shape == x.shape

@@ -289,6 +289,12 @@ def sampler_step(F, x, t, t_next, transport, *, step: int = 0, stochast_ratio=0.
         x_next, or (x_next, x_hat, z_hat); not differentiable (sampling runs under no_grad).
     """
     op = "sampler_step"
+    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+        # PyTorch's own message here ("Batching rule not implemented ... out= or view ops") names
+        # neither cause; a reference fallback would give every vmapped sample the same noise.
+        raise RuntimeError(f"{op} does not run under torch.func transforms (vmap, grad, jvp): its noise is "
+                           "keyed by element index in the whole state and it updates x_prev / z_prev in place. "
+                           "It is elementwise: call it on the batched state directly")
     check_state(op, x)
     check_model_output(op, F, x)
     F, x = F.detach(), x.detach()  # a sampler step is not differentiated: no output claims a gradient
