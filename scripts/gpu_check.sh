@@ -19,11 +19,16 @@
 #     bash scripts/gpu_check.sh
 # A device lease of 15 minutes (start included) holds one such call. E2E_ARGS (default --quick) passes
 # options to the end-to-end benchmark: E2E_ARGS="" runs the full set (DiT-B/2 and DiT-XL/2 training
-# steps at both lambdas, model eager and compiled). The rows --quick leaves out (DiT-XL/2 training,
-# lambda = 0 compiled) need a call of their own, in a later lease:
-#   DEADLINE=580 STAGES="install e2e" E2E_TIMEOUT=540 E2E_SUFFIX=_e2e_train \
-#     E2E_ARGS="--match train_step/DiT-XL/2|lambda=0,model=compiled" bash scripts/gpu_check.sh
-# (E2E_SUFFIX, default _e2e, names that stage's result files: <gpu><suffix>.*).
+# steps at both lambdas, model eager and compiled). The --quick rows were measured on 2026-11-27; the
+# next lease's call runs the rest of the end-to-end group (DiT-XL/2 training, lambda = 0 compiled) in
+# their place, after the tests, the op rows, the profile and the variants:
+#   DEADLINE=565 TEST_TIMEOUT=150 BENCH_TIMEOUT=100 E2E_TIMEOUT=420 PYTEST_ARGS="-q tests -k cuda" \
+#     E2E_SUFFIX=_e2e_train E2E_ARGS="--match train_step/DiT-XL/2|lambda=0,model=compiled" \
+#     bash scripts/gpu_check.sh
+# The full op set (216 rows, about 6-9 minutes) needs a call of its own:
+#   DEADLINE=580 STAGES="install bench" BENCH_TIMEOUT=560 BENCH_ARGS="" bash scripts/gpu_check.sh
+# (E2E_SUFFIX, default _e2e, names that stage's result files: <gpu><suffix>.*; BENCH_ARGS, default
+# --quick, passes options to the op benchmark).
 # Results: <gpu>.{json,md,png}, <gpu>_e2e.*, <gpu>_pytest.log, <gpu>_profile.txt and <gpu>_variants.txt
 # (e.g. nvidia-h100.json), written straight into $OUT when it is set (so whatever a killed call had written still comes back) and
 # copied into benchmarks/results/ as each stage ends; the whole log is gpu_check.log. Exit status: 0
@@ -130,9 +135,10 @@ if want tests; then
 fi
 
 if want bench; then
-  step "benchmark: benchmarks/run.py --device cuda --quick --name $NAME"
-  timeout -k 10 "$(limit "${BENCH_TIMEOUT:-180}")" "$PY" benchmarks/run.py --device cuda --quick --name "$NAME" --out-dir "$RESULTS" \
-    --ops transport objective sampler
+  step "benchmark: benchmarks/run.py --device cuda ${BENCH_ARGS---quick} --name $NAME"
+  # shellcheck disable=SC2086
+  timeout -k 10 "$(limit "${BENCH_TIMEOUT:-180}")" "$PY" benchmarks/run.py --device cuda ${BENCH_ARGS---quick} --name "$NAME" \
+    --out-dir "$RESULTS" --ops transport objective sampler
   rc=$?
   [ "$rc" -eq 0 ] || { failed+=("benchmark (exit $rc)"); echo "benchmark failed (exit $rc)"; }
   keep "$NAME".{json,md,png}
