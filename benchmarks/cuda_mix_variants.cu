@@ -50,7 +50,12 @@ using F4 = Vec<float, V>;
 
 // ---- interpolate (kInterp): (x, z) -> (x_t, target), one time per row -------------------------
 
-template <typename I>
+__device__ __forceinline__ void stcs4(float* p, const F4& v) {
+  __stcs(reinterpret_cast<float4*>(p), make_float4(v.x[0], v.x[1], v.x[2], v.x[3]));
+}
+
+// kStream: streaming (evict-first) stores instead of plain ones.
+template <typename I, bool kStream = false>
 __device__ __forceinline__ void mix_one(const float* x, const float* z, const float* t, float* o1, float* o2,
                                         I i, I row_size, int transport) {
   const Mat2<float> m = mix_matrix<float>(transport, kInterp, t[i / row_size]);
@@ -61,8 +66,13 @@ __device__ __forceinline__ void mix_one(const float* x, const float* z, const fl
     r1.x[k] = m.a * a.x[k] + m.b * b.x[k];
     r2.x[k] = m.c * a.x[k] + m.d * b.x[k];
   }
-  vstore<float, V>(o1, i, r1);
-  vstore<float, V>(o2, i, r2);
+  if (kStream) {
+    stcs4(o1 + i, r1);
+    stcs4(o2 + i, r2);
+  } else {
+    vstore<float, V>(o1, i, r1);
+    vstore<float, V>(o2, i, r2);
+  }
 }
 
 __global__ void mix_stride64(const float* __restrict__ x, const float* __restrict__ z, const float* __restrict__ t,
@@ -111,24 +121,10 @@ __global__ void mix_flat32x2(const float* __restrict__ x, const float* __restric
   vstore<float, V>(o2, i1, s2);
 }
 
-__device__ __forceinline__ void stcs4(float* p, const F4& v) {
-  __stcs(reinterpret_cast<float4*>(p), make_float4(v.x[0], v.x[1], v.x[2], v.x[3]));
-}
-
 __global__ void mix_flat32cs(const float* __restrict__ x, const float* __restrict__ z, const float* __restrict__ t,
                              float* __restrict__ o1, float* __restrict__ o2, int n, int row_size, int tr) {
   const int i = (blockIdx.x * blockDim.x + threadIdx.x) * V;
-  if (i >= n) return;
-  const Mat2<float> m = mix_matrix<float>(tr, kInterp, t[i / row_size]);
-  const F4 a = vload<float, V>(x, i), b = vload<float, V>(z, i);
-  F4 r1, r2;
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    r1.x[k] = m.a * a.x[k] + m.b * b.x[k];
-    r2.x[k] = m.c * a.x[k] + m.d * b.x[k];
-  }
-  stcs4(o1 + i, r1);
-  stcs4(o2 + i, r2);
+  if (i < n) mix_one<int, true>(x, z, t, o1, o2, i, row_size, tr);
 }
 
 // Same traffic, no arithmetic: reads two streams, writes two (o1 = x, o2 = z).
