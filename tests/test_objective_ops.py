@@ -397,7 +397,7 @@ class TestBadInput:
             ucgm_fast.enhance_target(x, x, x, None, t, "Linear", 1.0, (0.0, 1.5))
         with pytest.raises(ValueError, match="num_dropped must be an int in"):
             ucgm_fast.enhance_target(x, x, x, None, t, "Linear", 1.0, num_dropped=5)
-        with pytest.raises(TypeError, match="ratio must be a finite float"):
+        with pytest.raises(TypeError, match="ratio must be a finite number"):
             ucgm_fast.enhance_target(x, x, x, None, t, "Linear", float("nan"))
         with pytest.raises(ValueError, match="t has shape"):
             ucgm_fast.enhance_target(x, x, x, None, torch.rand(3), "Linear", 1.0)

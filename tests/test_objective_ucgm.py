@@ -471,6 +471,25 @@ class TestBadInput:
                 ucgm_fast.UCGM(**kwargs)
         with pytest.raises(TypeError, match="consistency_ratio must be a finite number"):
             ucgm_fast.UCGM(consistency_ratio="1")
+        with pytest.raises(TypeError, match="cosine_loss must be a bool"):
+            ucgm_fast.UCGM(cosine_loss=7)
+        # the same malformed range gets the same error from the class and from the op
+        for make in (lambda r: ucgm_fast.UCGM(enhanced_range=r),
+                     lambda r: ucgm_fast.enhance_target(*BATCH[:2], BATCH[0], None, BATCH[3], "Linear", 1.5, r)):
+            for bad in ((0.1,), ("a", "b"), (0.1, float("nan"))):
+                with pytest.raises(ValueError, match="enhanced_range must be two numbers"):
+                    make(bad)
+
+    def test_plain_function_model_with_a_target_copy(self):
+        x, z, y, t = BATCH
+
+        def model(x_t, t, y):
+            return 0.5 * x_t
+        model.num_classes = 5
+        # no copy needed: works; a copy of a function: a clear error, not deepcopy's AttributeError
+        ucgm_fast.UCGM("Linear", 1.0, 2.0, label_drop_ratio=0.25, target_ema_decay=0.0).loss(model, x, y, t=t, z=z)
+        with pytest.raises(TypeError, match=r"needs a torch.nn.Module; got function\. Use target_ema_decay=0"):
+            ucgm_fast.UCGM("Linear", 1.0, 2.0, label_drop_ratio=0.25, target_ema_decay=0.5).loss(model, x, y, t=t, z=z)
 
     def test_loss(self):
         x, z, y, t = BATCH

@@ -137,6 +137,12 @@ def test_unknown_override_is_named():
     ("train.max_minutes=abc", "train.max_minutes"), ("exp_name=2024-01-01", "exp_name"),
     ("train.threads=0", "train.threads"), ("model.in_chans=2.5", "model.in_chans"),
     ("optimizer.max_grad_norm=[1]", "optimizer.max_grad_norm"), ("train.grid_size=0", "train.grid_size"),
+    # the transport section is the objective's: UCGM's own checks, at load time, under the config's key names
+    ("transport.lab_drop_ratio=1.0", "transport.lab_drop_ratio"),
+    ("transport.enhanced_range=[0.8,0.2]", "transport.enhanced_range"),
+    ("transport.ema_decay_rate=2", "transport.ema_decay_rate"), ("transport.scaled_cbl_eps=-1", "transport.scaled_cbl_eps"),
+    ("transport.time_dist_ctrl=[0,1,1]", "transport.time_dist_ctrl"), ("transport.type=Cosine", "transport.type"),
+    ("transport.weight_funcion=linear", "transport.weight_funcion"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -341,3 +347,10 @@ def test_batch_plan_is_a_function_of_step_and_ranks_partition_the_global_batch()
     assert torch.equal(torch.cat([r.indices(11) for r in ranks]), plan.indices(11))
     with pytest.raises(ValueError, match="global_batch_size"):
         BatchPlan(103, 15, world=2)
+
+
+def test_transport_section_takes_what_the_objective_takes():
+    cfg = load_config(None, ["transport.weight_funcion=cosine", "transport.enhanced_range=[0.1,0.6]"])
+    from ucgm_fast.config import build_objective
+    ucgm = build_objective(cfg)
+    assert ucgm.time_weighting == "cosine" and ucgm.enhanced_range == (0.1, 0.6)

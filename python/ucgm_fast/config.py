@@ -145,7 +145,6 @@ _CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "optimizer.type": ("AdamW", "Adam", "RAdam"),
     "optimizer.lr_schedule": ("constant", "cosine", "linear"),
-    "transport.weight_funcion": (None, "Cosine"),
     "sample.type": ("UNI",),
 }
 # Keys that must hold lists of numbers, with their lengths.
@@ -328,12 +327,6 @@ def validate_config(cfg: Dict[str, Any]) -> None:
     number = isinstance(stoch, (int, float)) and not isinstance(stoch, bool)
     if not (auto or (number and 0 <= stoch <= 1)):
         raise ConfigError(f"config key 'sample.stochast_ratio' must be in [0, 1] or 'Auto', got {stoch!r}")
-    if not 0.0 <= cfg["transport"]["consistc_ratio"] <= 1.0:
-        raise ConfigError("config key 'transport.consistc_ratio' must be in [0, 1], got "
-                          f"{cfg['transport']['consistc_ratio']!r}")
-    if not 0.0 <= cfg["transport"]["lab_drop_ratio"] <= 1.0:
-        raise ConfigError("config key 'transport.lab_drop_ratio' must be in [0, 1], got "
-                          f"{cfg['transport']['lab_drop_ratio']!r}")
     if not 0.0 <= cfg["train"]["ema_decay"] <= 1.0:
         raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1], got {cfg['train']['ema_decay']!r}")
     if cfg["sample"]["sampling_order"] not in (1, 2):
@@ -358,7 +351,22 @@ def validate_config(cfg: Dict[str, Any]) -> None:
         raise ConfigError("config key 'train.sample_every' must be >= 0")
     if cfg["data"]["channels"] not in (None, 1, 3):
         raise ConfigError(f"config key 'data.channels' must be 1, 3 or null, got {cfg['data']['channels']!r}")
+    build_objective(cfg)  # the objective's own checks, before a run loads its data and builds its model
     check_sampler_settings(cfg)  # before a run trains for hours and fails at its first sample grid
+
+
+def build_objective(cfg: Dict[str, Any]):
+    """The :class:`ucgm_fast.UCGM` of the ``transport`` section (published keys); ConfigError when it
+    rejects the section."""
+    from .objective import _PUBLISHED_KEYS, UCGM
+
+    try:
+        return UCGM.from_config(cfg["transport"])
+    except (ValueError, TypeError) as err:
+        # Name the key as the config spells it: UCGM's message names its own argument.
+        keys = [k for k, arg in _PUBLISHED_KEYS.items() if re.search(rf"\b{arg}\b", str(err))]
+        where = f"config key 'transport.{keys[0]}'" if keys else "config section 'transport'"
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def sampler_settings(cfg: Dict[str, Any], steps: Optional[int] = None, **overrides) -> Dict[str, Any]:

@@ -26,21 +26,19 @@ graph: its decay d changes every step and is passed from the host.
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 from collections import OrderedDict
 from typing import Optional
 
 import torch
 
 from ._validate import batch_times, check_data, compute_dtype
-from .ops.objective import _enhance, _fd_inputs, _fd_target, _loss, _time_weighting_flag
+from .ops.objective import (_check_model_output, _enhance, _fd_inputs, _fd_target, _loss, _range, _ratio,
+                             _time_weighting_flag)
 from .ops.transport import _interpolate
-from .transports import BUILTIN_TRANSPORTS, Transport, get_transport
+from .transports import Transport, get_transport
 
 __all__ = ["UCGM"]
 
-_LOW = (torch.float16, torch.bfloat16)
 
 # Published YAML `transport:` keys -> constructor arguments.
 _PUBLISHED_KEYS = {
@@ -67,12 +65,6 @@ def _unwrap_all(model):
             model = inner
             continue
         return model
-
-
-def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise TypeError(f"UCGM: {name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 class UCGM:
@@ -125,41 +117,34 @@ class UCGM:
                  label_drop_ratio=0.1, huber_eps=0.0, cosine_loss=False, time_weighting=None,
                  time_dist=(1.0, 1.0, 1.0), target_ema_decay=0.999, fd_eps=0.005, *, batch_fd_passes=True):
         self.transport: Transport = get_transport(transport)
-        self.consistency_ratio = _number("consistency_ratio", consistency_ratio)
+        self.consistency_ratio = _ratio("UCGM", "consistency_ratio", consistency_ratio)
         if not 0.0 <= self.consistency_ratio <= 1.0:
             raise ValueError(f"UCGM: consistency_ratio must be in [0, 1], got {consistency_ratio!r}")
-        self.enhanced_ratio = _number("enhanced_ratio", enhanced_ratio)
+        self.enhanced_ratio = _ratio("UCGM", "enhanced_ratio", enhanced_ratio)
         if self.enhanced_ratio < 0:
             raise ValueError(f"UCGM: enhanced_ratio must be >= 0, got {enhanced_ratio!r}")
-        try:
-            lo, hi = (_number("enhanced_range", v) for v in enhanced_range)
-        except (TypeError, ValueError):
-            raise ValueError(f"UCGM: enhanced_range must be two numbers (lo, hi), got {enhanced_range!r}") from None
-        if not 0.0 <= lo < hi <= 1.0:
-            raise ValueError(f"UCGM: enhanced_range must be increasing within [0, 1] (0 <= lo < hi <= 1), "
-                             f"got {enhanced_range!r}")
-        self.enhanced_range = (lo, hi)
-        self.label_drop_ratio = _number("label_drop_ratio", label_drop_ratio)
+        self.enhanced_range = _range("UCGM", enhanced_range)
+        self.label_drop_ratio = _ratio("UCGM", "label_drop_ratio", label_drop_ratio)
         if not 0.0 <= self.label_drop_ratio < 1.0:
             raise ValueError(f"UCGM: label_drop_ratio must be in [0, 1), got {label_drop_ratio!r}")
-        self.huber_eps = _number("huber_eps", huber_eps)
+        self.huber_eps = _ratio("UCGM", "huber_eps", huber_eps)
         if self.huber_eps < 0:
             raise ValueError(f"UCGM: huber_eps must be >= 0, got {huber_eps!r}")
-        if not isinstance(cosine_loss, (bool, int)):
+        if cosine_loss not in (True, False):  # 0 and 1 too, as a YAML or argparse value may be
             raise TypeError(f"UCGM: cosine_loss must be a bool, got {cosine_loss!r}")
         self.cosine_loss = bool(cosine_loss)
         self.time_weighting = "cosine" if _time_weighting_flag("UCGM", time_weighting) else None
         try:
-            a, b, c = (_number("time_dist", v) for v in time_dist)
+            a, b, c = (_ratio("UCGM", "time_dist", v) for v in time_dist)
         except (TypeError, ValueError):
             raise ValueError(f"UCGM: time_dist must be three numbers (a, b, c), got {time_dist!r}") from None
         if min(a, b, c) <= 0:
             raise ValueError(f"UCGM: time_dist (a, b, c) must be positive, got {time_dist!r}")
         self.time_dist = (a, b, c)
-        self.target_ema_decay = _number("target_ema_decay", target_ema_decay)
+        self.target_ema_decay = _ratio("UCGM", "target_ema_decay", target_ema_decay)
         if not 0.0 <= self.target_ema_decay <= 1.0:
             raise ValueError(f"UCGM: target_ema_decay must be in [0, 1], got {target_ema_decay!r}")
-        self.fd_eps = _number("fd_eps", fd_eps)
+        self.fd_eps = _ratio("UCGM", "fd_eps", fd_eps)
         if self.fd_eps <= 0:
             raise ValueError(f"UCGM: fd_eps must be > 0, got {fd_eps!r}")
         self.batch_fd_passes = bool(batch_fd_passes)
@@ -223,6 +208,10 @@ class UCGM:
 
     def _create_target(self, model):
         base = _unwrap_all(model)
+        if not isinstance(base, torch.nn.Module):
+            raise TypeError(f"UCGM.loss: the target network is a copy of the model (enhancement with "
+                            f"target_ema_decay={self.target_ema_decay} > 0), which needs a torch.nn.Module; got "
+                            f"{type(base).__name__}. Use target_ema_decay=0 for a plain function")
         target = copy.deepcopy(base).requires_grad_(False).train()
         if self._pending_target_state is not None:
             try:
@@ -363,15 +352,7 @@ class UCGM:
     def _check_output(F, x, what="model", like=None):
         """F must be a tensor shaped like x, in x's dtype (or 16-bit for float32 x), and in like's dtype
         when given: the kernels read all of one step's model outputs as one dtype."""
-        if not isinstance(F, torch.Tensor):
-            raise TypeError(f"UCGM.loss: the {what} returned {type(F).__name__}; expected a tensor shaped like x")
-        if F.shape != x.shape:
-            raise ValueError(f"UCGM.loss: the {what} output has shape {tuple(F.shape)} but x has shape "
-                             f"{tuple(x.shape)}; the model must return a tensor shaped like its input")
-        if F.device != x.device:
-            raise ValueError(f"UCGM.loss: the {what} output is on {F.device} but x is on {x.device}")
-        if F.dtype != x.dtype and not (x.dtype == torch.float32 and F.dtype in _LOW):
-            raise TypeError(f"UCGM.loss: the {what} output has dtype {F.dtype} but x has dtype {x.dtype}")
+        _check_model_output("UCGM.loss", f"the {what} output", F, x, "x")
         if like is not None and F.dtype != like.dtype:
             raise TypeError(f"UCGM.loss: the {what} output has dtype {F.dtype} but the model's output at x_t "
                             f"has dtype {like.dtype}; run every pass the same way (e.g. all under one autocast)")

@@ -28,8 +28,8 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
 from .data import InfiniteLoader
-from .config import (ConfigError, apply_overrides, dump_config, latent_size, load_config, merge_config, read_yaml,
-                     run_dir, sampler_settings, validate_config)
+from .config import (ConfigError, apply_overrides, build_objective, dump_config, latent_size, load_config,
+                     merge_config, read_yaml, run_dir, sampler_settings, validate_config)
 from .optim import EMA, FlatGrads, ema_init, load_optimizer_state, lr_at, make_optimizer
 from .plots import save_grid, save_loss_curve, to_display
 
@@ -141,16 +141,6 @@ def check_dataset(dataset, mcfg: Dict[str, Any], name: str) -> None:
             f"dataset {name!r} has items of shape (C, H, W) = ({c}, {h}, {w}) but the model expects "
             f"({chans}, {size}, {size}) (model.in_chans / data.image_size // vae.downsample_ratio); "
             "set data.image_size, vae.downsample_ratio and model.in_chans to match the data")
-
-
-def build_objective(cfg: Dict[str, Any]):
-    """The UCGM objective of the ``transport`` section (published keys)."""
-    from .objective import UCGM
-
-    try:
-        return UCGM.from_config(cfg["transport"])
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"transport: {err}") from None
 
 
 def sample_images(model: torch.nn.Module, cfg: Dict[str, Any], labels: torch.Tensor, seed: int = 0,

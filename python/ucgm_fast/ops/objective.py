@@ -327,15 +327,16 @@ def _check_model_output(op: str, name: str, F, like: torch.Tensor, like_name: st
 def _ratio(op: str, name: str, value) -> float:
     # abs(v) < inf rather than math.isfinite: the latter is not traceable by torch.compile.
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(value) < math.inf:
-        raise TypeError(f"{op}: {name} must be a finite float, got {value!r}")
+        raise TypeError(f"{op}: {name} must be a finite number, got {value!r}")
     return float(value)
 
 
 def _range(op: str, enhanced_range):
+    """(lo, hi) with 0 <= lo < hi <= 1; ValueError naming enhanced_range otherwise."""
     try:
-        lo, hi = (float(v) for v in enhanced_range)
+        lo, hi = (_ratio(op, "enhanced_range", v) for v in enhanced_range)
     except (TypeError, ValueError):
-        raise TypeError(f"{op}: enhanced_range must be two floats (lo, hi), got {enhanced_range!r}") from None
+        raise ValueError(f"{op}: enhanced_range must be two numbers (lo, hi), got {enhanced_range!r}") from None
     if not (0.0 <= lo < hi <= 1.0):
         raise ValueError(f"{op}: enhanced_range must be increasing within [0, 1] (0 <= lo < hi <= 1), "
                          f"got {enhanced_range!r}")
