@@ -7,7 +7,7 @@ import torch
 from ucgm_fast import checkpoint as ck
 from ucgm_fast.data import BatchPlan
 from ucgm_fast.config import ConfigError, DEFAULTS, load_config
-from ucgm_fast.optim import EMA, FlatGrads, lr_at, make_optimizer
+from ucgm_fast.optim import EMA, FlatGrads, load_optimizer_state, lr_at, make_optimizer
 
 # A published recipe (LINs-lab/UCGM configs/training_multi_steps/in1k256_tit_xl_sdvae.yaml), verbatim keys.
 PUBLISHED = """
@@ -137,6 +137,7 @@ def test_unknown_override_is_named():
     ("train.max_minutes=abc", "train.max_minutes"), ("exp_name=2024-01-01", "exp_name"),
     ("train.threads=0", "train.threads"), ("model.in_chans=2.5", "model.in_chans"),
     ("optimizer.max_grad_norm=[1]", "optimizer.max_grad_norm"), ("train.grid_size=0", "train.grid_size"),
+    ("train.grid_size=257", "train.grid_size"), ("data.num_workers=-1", "data.num_workers"),
     # the transport section is the objective's: UCGM's own checks, at load time, under the config's key names
     ("transport.lab_drop_ratio=1.0", "transport.lab_drop_ratio"),
     ("transport.enhanced_range=[0.8,0.2]", "transport.enhanced_range"),
@@ -218,6 +219,38 @@ def test_prune_keeps_last_k_and_removes_stale_temp_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["0000003.pt", "0000004.pt"]
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak RSS from /proc (Linux)")
+def test_loading_a_checkpoint_maps_it_instead_of_reading_it_twice(tmp_path):
+    # Read into bytes and unpickled from them, a checkpoint took twice its size in RAM on every rank.
+    import subprocess
+    import sys
+    size = 128 << 20  # the hash check reads 16 MiB chunks: a bounded, size-independent peak
+    path = ck.save_checkpoint({"step": 1, "model": {"w": torch.ones(size // 4)}}, str(tmp_path / "0000001.pt"))
+    # Peak RSS of the loading process alone: VmHWM (ru_maxrss would carry pytest's peak over the exec).
+    probe = (f"import re, torch; from ucgm_fast import checkpoint as ck; "
+             f"rss = lambda: int(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)) * 1024; "
+             f"before = rss(); w = ck.load_checkpoint({path!r})['model']['w']; print(rss() - before, float(w[-1]))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    grown, last = done.stdout.split()
+    assert float(last) == 1.0
+    assert int(grown) < size // 2, f"peak RSS grew by {int(grown) >> 20} MiB loading a {size >> 20} MiB checkpoint"
+
+
+def test_writing_into_a_loaded_checkpoint_leaves_the_file_alone(tmp_path):
+    import mmap
+    if not hasattr(mmap, "MAP_SHARED"):
+        pytest.skip("mmap flags are POSIX")
+    path = ck.save_checkpoint(_payload(3), str(tmp_path / "0000003.pt"))
+    # Even with torch's mmap default set to shared, the checkpoint is mapped copy-on-write.
+    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+        payload = ck.load_checkpoint(path)
+    payload["model"]["w"].add_(1.0)  # e.g. optimizer moments loaded as they are, updated in place
+    del payload
+    ck.verify_checkpoint(path)
+
+
 # ------------------------------------------------------------------ optimizer tail
 
 def _net(seed=0):
@@ -250,13 +283,34 @@ def test_flat_grads_clean_and_clip_like_per_parameter_reference(max_norm):
     _poison(m)
     _poison(ref)
     norm = grads.clip_(max_norm, zero_nonfinite=True)
+    # The published order: clip_grad_norm_ over the raw gradients (when max_grad_norm is set), then nan_to_num.
+    if max_norm is not None:
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
     for p in ref.parameters():
         torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm or float("inf"))
-    torch.testing.assert_close(norm, ref_norm)
+    if max_norm is None:
+        ref_norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ref.parameters()]))
+    torch.testing.assert_close(norm, ref_norm, equal_nan=True)
     for p, q in zip(m.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
         assert torch.isfinite(p.grad).all()
+    # Clipping by a non-finite norm skips the whole step: all of it zero, not only the bad entries.
+    assert (max_norm is None) != all(bool((p.grad == 0).all()) for p in m.parameters())
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_one_nonfinite_gradient_zeroes_the_clipped_step_as_published(bad):
+    m, ref = _net(), _grads()
+    grads = FlatGrads(m.parameters())
+    _backward(m)
+    m[2].bias.grad[0] = ref[2].bias.grad[0] = bad
+    norm = grads.clip_(0.1, zero_nonfinite=True)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+    for q in ref.parameters():
+        torch.nan_to_num_(q.grad, nan=0.0, posinf=0.0, neginf=0.0)
+    assert not torch.isfinite(norm) and torch.equal(norm.isnan(), ref_norm.isnan())  # the raw norm
+    for p, q in zip(m.parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad) and not p.grad.any()
 
 
 def test_backward_accumulates_into_the_flat_buffer():
@@ -319,6 +373,26 @@ def test_adamw_is_fused_where_supported():
     opt = make_optimizer(torch.nn.Linear(3, 3).parameters(), type="AdamW", lr=1e-3)
     assert opt.defaults.get("fused") or opt.defaults.get("foreach")
     assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_loaded_optimizer_moments_are_the_optimizers_own(tmp_path):
+    # A resumed checkpoint maps its file: moments updated in place must not be views of it.
+    m = _net()
+    opt = make_optimizer(m.parameters(), type="AdamW", lr=1e-3)
+    _backward(m)
+    opt.step()
+    path = ck.save_checkpoint({"step": 1, "optimizer": opt.state_dict()}, str(tmp_path / "0000001.pt"))
+    saved = ck.load_checkpoint(path)["optimizer"]
+    before = {k: {n: v.clone() for n, v in s.items()} for k, s in saved["state"].items()}
+    other = _net()
+    opt2 = make_optimizer(other.parameters(), type="AdamW", lr=1e-3)
+    load_optimizer_state(opt2, saved)
+    _backward(other)
+    opt2.step()
+    for k, s in saved["state"].items():
+        for n, v in s.items():
+            assert torch.equal(v, before[k][n]), f"state {k}.{n} changed"
+    assert float(opt2.state_dict()["state"][0]["step"]) == 2
 
 
 # ------------------------------------------------------------------ batch plan

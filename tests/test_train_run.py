@@ -74,8 +74,9 @@ def test_training_run_writes_all_outputs(tmp_path):
     assert {"0000006.png", "0000012.png", "final.png"} <= set(os.listdir(os.path.join(out, "samples")))
     assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
     payload = ck.load_checkpoint(os.path.join(out, "checkpoints", "0000012.pt"))
-    assert {"model", "ema", "optimizer", "objective", "rng", "data", "step", "config"} <= set(payload)
-    assert payload["step"] == 12 and payload["data"]["epoch"] == 0
+    assert {"model", "ema", "optimizer", "objective", "rng", "step", "config"} <= set(payload)
+    # No loader state: the data order is a function of the step and the config's seed and batch size.
+    assert payload["step"] == 12 and "data" not in payload
     assert yaml.safe_load(open(os.path.join(out, "config.yaml")))["train"]["max_steps"] == 12
 
 
@@ -120,7 +121,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
 
     a = ck.load_checkpoint(str(tmp_path / "ref" / "checkpoints" / f"{steps:07d}.pt"))
     b = ck.load_checkpoint(str(ckdir / f"{steps:07d}.pt"))
-    for key in ("model", "ema", "optimizer", "objective", "rng", "data", "step"):
+    for key in ("model", "ema", "optimizer", "objective", "rng", "step"):
         _equal_states(a[key], b[key], key)
     # The metrics file has one line per logged step, none duplicated by the restart.
     steps_logged = [json.loads(line)["step"] for line in open(tmp_path / "killed" / "metrics.jsonl")]
@@ -173,7 +174,7 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     assert "'train.nope'" in capsys.readouterr().err
 
 
-def test_init_from_starts_few_step_tuning_from_ema_weights(tmp_path):
+def test_init_from_starts_few_step_tuning_as_published(tmp_path, capsys):
     cfg = load_config(tiny_config(tmp_path), ["train.max_steps=4", "train.ckpt_every=4"])
     train(cfg)
     src = os.path.join(cfg["output_dir"], "checkpoints", "0000004.pt")
@@ -182,20 +183,24 @@ def test_init_from_starts_few_step_tuning_from_ema_weights(tmp_path):
                                                        "transport.ema_decay_rate=1.0"])
     summary = train(tune)
     assert summary["step"] == 2 and torch.isfinite(torch.tensor(summary["loss"]))
-    # With the learning rate at 0 the tuned weights stay what they started from: the source's EMA
-    # weights by default, its online weights on request (the two differ after 4 steps).
+    # With the learning rate at 0 and the EMA frozen (decay 1) the tuned run keeps what it started from:
+    # by default, as published, the model from the source's model weights and the EMA from its EMA (the
+    # two differ after 4 steps); with init_weights "ema", both from its EMA.
     source = ck.load_checkpoint(src)
-    for which in ("ema", "model"):
-        choice = [] if which == "ema" else [f"train.init_weights={which}"]  # "ema": the default
-        frozen = load_config(tiny_config(tmp_path, f"frozen_{which}"), choice + [
-            f"train.init_from={src}", "train.max_steps=1", "train.ckpt_every=1",
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
+    assert not same(source["model"], source["ema"])
+    for choice, model_from in (([], "model"), (["train.init_weights=ema"], "ema")):
+        frozen = load_config(tiny_config(tmp_path, f"frozen_{model_from}"), choice + [
+            f"train.init_from={src}", "train.max_steps=1", "train.ckpt_every=1", "train.ema_decay=1.0",
             "optimizer.lr=0", "optimizer.min_lr=0", "optimizer.warmup_steps=0", "transport.consistc_ratio=1.0",
             "transport.ema_decay_rate=1.0"])
+        capsys.readouterr()
         train(frozen)
-        tuned = ck.load_checkpoint(os.path.join(frozen["output_dir"], "checkpoints", "0000001.pt"))["model"]
-        other = "model" if which == "ema" else "ema"
-        assert all(torch.equal(tuned[k], source[which][k]) for k in tuned)
-        assert not all(torch.equal(tuned[k], source[other][k]) for k in tuned)
+        tuned = ck.load_checkpoint(os.path.join(frozen["output_dir"], "checkpoints", "0000001.pt"))
+        other = "ema" if model_from == "model" else "model"
+        assert same(tuned["model"], source[model_from]) and not same(tuned["model"], source[other]), model_from
+        assert same(tuned["ema"], source["ema"]) and not same(tuned["ema"], source["model"]), model_from
+        assert "train.ema_decay is 1.0: the EMA weights never move" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -312,7 +317,7 @@ def test_source_checkpoint_among_the_runs_own(tmp_path, capsys):
     clash = tmp_path / "clash" / "checkpoints"
     clash.mkdir(parents=True)
     shutil.copy(src, clash / "0000003.pt")
-    with pytest.raises(ConfigError, match="rename it"):
+    with pytest.raises(ConfigError, match="rename it.*use --resume PATH instead of train.ckpt"):
         train(load_config(tiny_config(tmp_path, "clash"), ["train.ckpt=0000003.pt", "train.max_steps=3"]))
     # --resume RUN without --config: the source is not the run's state (config.yaml names it).
     run = tmp_path / "tune"
@@ -509,3 +514,43 @@ def test_latent_run_saves_its_scaling_and_sample_npz_maps_back(tmp_path):
     expected = saved["samples"] / 0.5 * x.std((0, 2, 3), ddof=1)[:, None, None] + x.mean((0, 2, 3))[:, None, None]
     assert saved["latents"].shape == (3, 2, 4, 4) and np.allclose(saved["latents"], expected, rtol=1e-5, atol=1e-5)
     assert np.array_equal(saved["latent_std"], stats["std"].numpy()) and saved["latent_multiplier"] == 0.5
+
+
+def test_resume_names_settings_that_change_the_data_order_or_the_learning_rate(tmp_path, capsys):
+    common = ["train.ckpt_every=2", "train.keep_last=5", "optimizer.lr_schedule=cosine"]
+    train(load_config(tiny_config(tmp_path), common + ["train.max_steps=4"]))
+    ckpt = str(tmp_path / "run" / "checkpoints" / "0000002.pt")
+    capsys.readouterr()
+    train(load_config(tiny_config(tmp_path), common + ["train.max_steps=4"]), resume=ckpt)  # a plain continuation
+    err = capsys.readouterr().err
+    assert "data order" not in err and "learning rate" not in err
+    changed = ["train.max_steps=8", "train.global_batch_size=32", "train.global_seed=5"]
+    summary = train(load_config(tiny_config(tmp_path), common + changed), resume=ckpt)
+    assert summary["step"] == 8  # warned about, not refused
+    err = capsys.readouterr().err
+    assert "train.global_batch_size is 32 but the checkpoint's run used 16: the data order changes mid-epoch" in err
+    assert "train.global_seed is 5 but the checkpoint's run used 0" in err
+    # Cosine over 4 steps: 5e-4 at step 2; over 8 steps: 8.536e-4.
+    assert "train.max_steps 4 -> 8" in err and "learning rate jumps from 0.0005 to 0.0008536 at step 2" in err
+    # Under a constant schedule a longer run is a plain continuation.
+    train(load_config(tiny_config(tmp_path, "flat"), ["train.max_steps=2", "train.ckpt_every=2"]))
+    capsys.readouterr()
+    train(load_config(tiny_config(tmp_path, "flat"), ["train.max_steps=4", "train.ckpt_every=2"]), resume="")
+    assert "learning rate" not in capsys.readouterr().err
+
+
+def test_logged_speed_leaves_out_checkpoints_and_sample_grids(tmp_path, monkeypatch):
+    import ucgm_fast.train as train_mod
+
+    pause = 0.5
+    real_save, real_grid = ck.save_checkpoint, train_mod.save_grid
+    monkeypatch.setattr(ck, "save_checkpoint", lambda *a, **k: (time.sleep(pause), real_save(*a, **k))[1])
+    monkeypatch.setattr(train_mod, "save_grid", lambda *a, **k: (time.sleep(pause), real_grid(*a, **k))[1])
+    cfg = load_config(tiny_config(tmp_path), ["train.max_steps=6", "train.log_every=2", "train.ckpt_every=1",
+                                              "train.sample_every=1", "train.keep_last=1"])
+    train(cfg)
+    rows = [json.loads(line) for line in open(os.path.join(cfg["output_dir"], "metrics.jsonl"))]
+    # Counted in, each 2-step interval would hold a save and a grid or two of each (1 s or more): under
+    # 2 steps/s. A step of this model takes a few ms.
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert all(r["steps_per_s"] > 5 and r["images_per_s"] == r["steps_per_s"] * 16 for r in rows), rows

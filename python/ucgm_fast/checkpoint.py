@@ -8,8 +8,9 @@ instead of silently wrong weights. Files are named ``{step:07d}.pt`` as in the p
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
+import mmap
 import os
 import re
 from typing import Any, Dict, Iterable, List, Optional
@@ -123,12 +124,23 @@ def verify_checkpoint(path: str) -> int:
 
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
-    """The verified payload of a checkpoint written by :func:`save_checkpoint` (weights_only load)."""
-    length = verify_checkpoint(path)
-    with open(path, "rb") as f:
-        data = f.read(length)
+    """The verified payload of a checkpoint written by :func:`save_checkpoint` (weights_only load).
+
+    The hash is checked streaming, then the file is memory-mapped (``torch.load(mmap=True)``), not
+    read: tensors on the CPU are views of the mapped file, paged in as they are used, instead of the
+    file's bytes plus a copy of each tensor (twice the checkpoint in RAM on every rank). The mapping is
+    private (copy-on-write) whatever ``torch.serialization``'s default: writing into a loaded tensor
+    changes this process's copy, never the file.
+    """
+    verify_checkpoint(path)
+    # Windows maps files copy-on-write anyway (and has no flag); torch before 2.5 has no setting and
+    # always maps privately.
+    private = (torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE)
+               if hasattr(mmap, "MAP_PRIVATE") and hasattr(torch.serialization, "set_default_mmap_options")
+               else contextlib.nullcontext())
     try:
-        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        with private:  # the zip reader finds its directory from the end and skips the trailer
+            payload = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as err:  # hash matched, so the writer produced something unreadable
         raise CheckpointError(f"checkpoint {path!r} could not be unpickled: {err}") from err
     if not isinstance(payload, dict) or "step" not in payload:

@@ -69,7 +69,8 @@ DEFAULTS: Dict[str, Any] = {
     "train": {
         "ckpt": None,                # published: a checkpoint (file in checkpoints/ or a path) to start from
         "init_from": None,           # start from this checkpoint's weights at step 0 (few-step tuning)
-        "init_weights": "ema",       # which weights of init_from become the model: ema | model
+        "init_weights": "model",     # with ckpt/init_from: model (as published: the model from its model
+                                     # weights, the EMA from its EMA) | ema (both from its EMA weights)
         "no_reopt": True,            # with ckpt/init_from: do not load the optimizer state
         "no_reuni": True,            # with ckpt/init_from: do not load the UCGM state (target network)
         "no_buffer": False,          # published: DDP broadcast_buffers=False
@@ -81,12 +82,13 @@ DEFAULTS: Dict[str, Any] = {
         "ckpt_every": 500,
         "keep_last": 3,              # checkpoints kept (oldest deleted)
         "sample_every": 0,           # sample grid PNG every N steps (0: only at the end)
-        "grid_size": 64,             # images in the sample grid
-        "ema_decay": 0.9999,
+        "grid_size": 64,             # images in the sample grid (at most 256: one sampling batch)
+        "ema_decay": 0.9999,         # 1.0 freezes the EMA where it starts (accepted as published, with a warning)
         "ema_warmup": False,         # decay min(ema_decay, (1 + step) / (10 + step)): short runs forget the init
         "precision": "auto",         # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
         "compile": False,            # torch.compile the model
-        "zero_nonfinite_grads": True,  # replace nan/inf gradient entries by 0 (as published)
+        "zero_nonfinite_grads": True,  # nan/inf gradient entries -> 0, after clipping (as published: with
+                                       # max_grad_norm set, one such entry zeroes the whole update)
         "device": "auto",            # auto | cpu | cuda
         "threads": None,             # torch.set_num_threads on CPU (None: torch's default)
         "progress": True,            # tqdm progress bar on rank 0
@@ -98,7 +100,7 @@ DEFAULTS: Dict[str, Any] = {
         "beta1": 0.9,
         "beta2": 0.999,
         "eps": 1e-8,
-        "max_grad_norm": None,       # gradient clipping (None: off)
+        "max_grad_norm": None,       # gradient clipping by the global norm of the raw gradients (None: off)
         "lr_schedule": "constant",   # constant | cosine | linear: decay from lr to min_lr over train.max_steps
         "warmup_steps": 0,           # linear warm-up from 0 to lr over this many steps
         "min_lr": 0.0,               # the decay's end value
@@ -349,6 +351,10 @@ def validate_config(cfg: Dict[str, Any]) -> None:
         raise ConfigError("config key 'train.max_minutes' must be > 0 or null")
     if cfg["train"]["sample_every"] < 0:
         raise ConfigError("config key 'train.sample_every' must be >= 0")
+    if cfg["train"]["grid_size"] > 256:  # sampled as one batch of the model at the end and every sample_every
+        raise ConfigError(f"config key 'train.grid_size' must be at most 256, got {cfg['train']['grid_size']!r}")
+    if cfg["data"]["num_workers"] < 0:
+        raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg['data']['num_workers']!r}")
     if cfg["data"]["channels"] not in (None, 1, 3):
         raise ConfigError(f"config key 'data.channels' must be 1, 3 or null, got {cfg['data']['channels']!r}")
     build_objective(cfg)  # the objective's own checks, before a run loads its data and builds its model

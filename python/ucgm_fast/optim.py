@@ -39,11 +39,21 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: Dict[str, Any]) -> N
     ``Optimizer.load_state_dict`` also restores the saved hyper-parameters (weight decay, betas, eps,
     fused / foreach); the config the run was started with must win over them, so an override on
     resume takes effect. (The learning rate is set every step by the schedule anyway.)
+
+    The optimizer gets its own copies of the moments: ``Optimizer.load_state_dict`` keeps a tensor that
+    is already on the parameter's device and dtype, and it updates them in place every step, while
+    :func:`ucgm_fast.checkpoint.load_checkpoint` returns views of the memory-mapped file (copy-on-write,
+    so the file would not change, but the mapping would live as long as the run).
     """
     settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    loaded = {id(v) for s in state.get("state", {}).values() for v in s.values() if isinstance(v, torch.Tensor)}
     opt.load_state_dict(state)
     for group, own in zip(opt.param_groups, settings):
         group.update(own)
+    for s in opt.state.values():
+        for key, value in s.items():
+            if id(value) in loaded:  # not moved or cast by load_state_dict: still the caller's tensor
+                s[key] = value.clone()
 
 
 def lr_at(step: int, total_steps: int, lr: float, lr_schedule: str = "constant", warmup_steps: int = 0,
@@ -157,14 +167,23 @@ class FlatGrads:
 
     @torch.no_grad()
     def clip_(self, max_norm: Optional[float] = None, zero_nonfinite: bool = True) -> torch.Tensor:
-        """g <- nan_to_num(g) · min(1, max_norm / (‖nan_to_num(g)‖₂ + 1e-6)) over all gradients.
+        """The published gradient hygiene: ``clip_grad_norm_`` over the raw gradients, then ``nan_to_num``.
 
-        Zeroing (optional) comes first: clipping by a non-finite norm would make every gradient NaN.
-        The clip factor is ``clip_grad_norm_``'s, kept on the device. Returns the global L2 norm before
-        clipping (after zeroing), as a 0-d tensor; nothing here synchronizes with the host.
+        With ``max_norm``: n = ‖g‖₂ over all raw gradients, g <- nan_to_num(g) · s with
+        s = min(1, max_norm / (n + 1e-6)) when n is finite, else 0. A single inf or NaN entry makes the
+        published clip factor 0 or NaN, which ``nan_to_num`` then turns into an all-zero gradient (AdamW
+        still applies its momentum and weight decay), rather than a step with the bad entries dropped
+        and the rest rescaled by a norm that left them out.
+        Without ``max_norm``: g <- nan_to_num(g), the bad entries alone are zeroed (as published).
+        ``zero_nonfinite=False`` leaves out the ``nan_to_num`` (non-finite entries then stay, as NaN
+        where the factor is 0).
+
+        Returns the global L2 norm as a 0-d tensor: with ``max_norm``, that of the raw gradients
+        (before zeroing and clipping; inf or NaN when an entry is, as ``clip_grad_norm_`` returns it);
+        without, that of the gradients after zeroing. Nothing here synchronizes with the host.
         """
         self.attach()
-        if zero_nonfinite:
+        if max_norm is None and zero_nonfinite:
             for flat in self.flats:
                 flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         norms = [torch.linalg.vector_norm(flat, 2.0, dtype=torch.promote_types(flat.dtype, torch.float32))
@@ -174,7 +193,11 @@ class FlatGrads:
         total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(
             torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
         if max_norm is not None:
-            scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            # The factor is computed on the device from the raw norm (a where, not an ``if``: no sync).
+            scale = torch.where(torch.isfinite(total), torch.clamp(max_norm / (total + 1e-6), max=1.0),
+                                torch.zeros_like(total))
             for flat in self.flats:
+                if zero_nonfinite:
+                    flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
                 flat.mul_(scale.to(flat.device))
         return total

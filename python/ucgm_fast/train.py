@@ -3,13 +3,17 @@
     ucgm-train --config configs/digits_multistep.yaml [dotted.key=value ...] [--resume [PATH]]
     torchrun --nproc_per_node 2 -m ucgm_fast.train --config ...       # data-parallel (DDP)
 
-One step: UCGM loss (bf16 autocast on CUDA) -> backward into one flat gradient buffer -> nan/inf
-zeroing + clipping (a kernel each, no host sync) -> fused AdamW -> multi-tensor EMA. Rank 0 logs
+One step: UCGM loss (bf16 autocast on CUDA) -> backward into one flat gradient buffer -> clipping
+and nan/inf zeroing in the published order (a kernel each, no host sync) -> fused AdamW ->
+multi-tensor EMA. Rank 0 logs
 (tqdm, metrics.jsonl), writes atomic checkpoints every ``train.ckpt_every`` steps (last
 ``train.keep_last`` kept), sample grids every ``train.sample_every`` steps and at the end, and a
 loss curve at the end.
 ``--resume`` continues bit-for-bit: the checkpoint holds model, EMA, optimizer, the objective's
-state (target network), every rank's RNG state, and the step (which fixes the data order).
+state (target network), every rank's RNG state, the step (which, with the seed and the global batch
+size, fixes the data order) and the config (settings changed on resume are named in a warning).
+``train.init_from`` / ``train.ckpt`` start a new run from a checkpoint as published: the model from
+its model weights, the EMA from its EMA weights (``train.init_weights: ema``: both from its EMA).
 """
 from __future__ import annotations
 
@@ -340,6 +344,48 @@ def _load_optimizer(opt, payload: Dict[str, Any], cfg: Dict[str, Any], path: str
     load_optimizer_state(opt, payload["optimizer"])
 
 
+def _warn_changed_settings(saved: Dict[str, Any], cfg: Dict[str, Any], step: int, num_items: int, warn) -> None:
+    """Names the settings a resumed run changed that make it other than a continuation of the saved one.
+
+    The batch order is a function of (global_seed, step, global_batch_size), so a changed seed or batch
+    size reorders the data mid-epoch; the learning rate is a function of the step, max_steps and the
+    optimizer's schedule keys, so changing them moves it at once. Each is a warning, not an error:
+    the run is different from the uninterrupted one, not wrong. ``saved`` is the checkpoint's config.
+    """
+    old_t, new_t = saved.get("train") or {}, cfg["train"]
+    old_batch, new_batch = old_t.get("global_batch_size", new_t["global_batch_size"]), new_t["global_batch_size"]
+    if old_batch != new_batch:
+        # BatchPlan: step s reads batch s mod (N // B) of epoch s // (N // B), i.e. from item (s mod (N // B)) B.
+        (e0, p0), (e1, p1) = (divmod(step, max(1, num_items // b)) for b in (old_batch, new_batch))
+        warn(f"warning: train.global_batch_size is {new_batch} but the checkpoint's run used {old_batch}: the data "
+             f"order changes mid-epoch (the run goes on from item {p1 * new_batch} of epoch {e1}'s order; the "
+             f"checkpoint's run was at item {p0 * old_batch} of epoch {e0}): items are seen again or skipped")
+    if old_t.get("global_seed", new_t["global_seed"]) != new_t["global_seed"]:
+        warn(f"warning: train.global_seed is {new_t['global_seed']} but the checkpoint's run used "
+             f"{old_t['global_seed']}: each epoch's permutation follows the seed, so the data order changes "
+             "mid-epoch (items of this epoch are seen again or skipped) and the sample grids use other noise")
+    old_o, new_o = saved.get("optimizer") or {}, cfg["optimizer"]
+    keys = ("lr", "lr_schedule", "warmup_steps", "min_lr")
+    if "max_steps" not in old_t or any(k not in old_o for k in keys):
+        return
+    changed = [f"optimizer.{k}" for k in keys if old_o[k] != new_o[k]]
+    if old_t["max_steps"] != new_t["max_steps"] and {old_o["lr_schedule"], new_o["lr_schedule"]} != {"constant"}:
+        changed.append("train.max_steps")  # a decay ends at max_steps; a constant schedule ignores it
+    if not changed:
+        return
+    before = lr_at(step, old_t["max_steps"], **{k: old_o[k] for k in keys})
+    after = lr_at(step, new_t["max_steps"], **new_o)
+    moved = (f"the learning rate jumps from {before:.4g} to {after:.4g} at step {step}" if before != after else
+             f"the learning rate ({after:.4g} at step {step}) follows another schedule from here")
+    warn(f"warning: {', '.join(changed)} changed since the checkpoint ({', '.join(_was(k, saved, cfg) for k in changed)}): "
+         f"{moved}")
+
+
+def _was(key: str, saved: Dict[str, Any], cfg: Dict[str, Any]) -> str:
+    section, name = key.split(".")
+    return f"{key} {saved[section][name]!r} -> {cfg[section][name]!r}"
+
+
 def _set_aside_later(ckdir: str, step: int, warn, exclude=()) -> None:
     """Moves this run's checkpoints past ``step`` (but not ``exclude``) into checkpoints/superseded/.
 
@@ -368,7 +414,8 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
     """Runs training as configured; returns a summary dict (rank 0: steps, final loss, paths).
 
     ``resume``: a checkpoint file, a run directory, or '' for this run's newest valid checkpoint.
-    (``_loaded``: the (path, payload) of that checkpoint when the caller has read it already.)
+    (``_loaded``: [path, payload] of that checkpoint when the caller has read it already; emptied here,
+    so that no reference outlives the loading: the payload's tensors map the checkpoint's file.)
     """
     tcfg = cfg["train"]
     rank, world, device = _setup_distributed(tcfg["device"])
@@ -383,12 +430,20 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
     payload, resume_path = None, None
     if resume is not None:
         resume_path, payload = _loaded or _resolve_resume(resume, out_dir, warn, exclude=src_in_ckdir)
+        if _loaded:
+            _loaded.clear()
         warn(f"resuming from {resume_path} (step {payload['step']})")
     for src in src_in_ckdir:  # saving over it would replace the user's source model
         src_step = ckpt_io.checkpoint_step(src) if ckpt_io.is_checkpoint_name(src) else -1
         if (int(payload["step"]) if payload is not None else 0) < src_step <= tcfg["max_steps"]:
             raise ConfigError(f"train.ckpt / train.init_from {src} sits in this run's checkpoints/ under a step "
-                              "this run may save; rename it (the published layout uses 0000000.pt) or move it")
+                              "this run may save; rename it (the published layout uses 0000000.pt) or move it; "
+                              "to continue the run that wrote it, use --resume PATH instead of train.ckpt")
+    if tcfg["ema_decay"] == 1.0 and not tcfg["ema_warmup"]:
+        # Accepted as published (it freezes the EMA, e.g. to check what a run started from), but rarely meant.
+        warn("warning: train.ema_decay is 1.0: the EMA weights never move from where they start (the random "
+             "init, or the source's / checkpoint's EMA); sample grids, checkpoints' 'ema' and ucgm-sample / "
+             "ucgm-eval use them by default. Set it below 1 (e.g. 0.9999) or train.ema_warmup: true")
 
     # Seeds first: model init, then the objective's draws, follow from them on every rank.
     torch.manual_seed(tcfg["global_seed"] * world + rank)
@@ -402,8 +457,8 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
     objective = build_objective(cfg)
     opt = make_optimizer(model.parameters(), **cfg["optimizer"])
 
-    step = 0
-    if payload is not None:
+    step, resumed = 0, payload is not None
+    if resumed:
         check_model_config(payload["model_config"], mcfg, resume_path)
         _load_state(model, payload["model"], resume_path)
         _load_state(ema, payload["ema"], resume_path)
@@ -417,14 +472,22 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
             warn(f"warning: checkpoint has RNG states of {len(rngs)} processes, this run has {world}; "
                  "reseeding (the run continues but not bit-for-bit)")
             torch.manual_seed(tcfg["global_seed"] * world + rank + 7919 * step)
+        if isinstance(payload.get("config"), dict):
+            _warn_changed_settings(payload["config"], cfg, step, len(dataset), warn)
+        payload = None  # the model, EMA, optimizer and objective hold copies: the file can be unmapped
     else:
         src = _init_source(cfg, ckdir)
         if src:
             init = read_checkpoint(src)
             check_model_config(init["model_config"], mcfg, src)
-            # Few-step tuning starts by default from the multi-step EMA weights (the model one samples from).
+            for key in {tcfg["init_weights"], "ema"}:
+                if key not in init:
+                    raise ckpt_io.CheckpointError(f"train.init_from / train.ckpt: checkpoint {src!r} has no {key!r} entry")
+            # As published (main.py): the online model from the source's model weights, the EMA from its
+            # EMA. init_weights "ema" starts the online model from the EMA weights too (the model one
+            # samples from): the EMA then also starts from there.
             _load_state(model, init[tcfg["init_weights"]], src)
-            ema_init(ema, model)
+            _load_state(ema, init["ema"], src)
             if not tcfg["no_reopt"]:
                 if init.get("published"):
                     # Its optimizer indexes the published model's parameters, whose order differs (its
@@ -438,7 +501,9 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
                     objective.check_target_state(model)
                 except (ValueError, RuntimeError) as err:
                     raise ConfigError(f"{src}: its UCGM state (target network) does not load: {err}") from None
-            warn(f"initialised from {src} (step {init['step']}; {tcfg['init_weights']} weights)")
+            warn(f"initialised from {src} (step {init['step']}): model from its {tcfg['init_weights']} weights, "
+                 "EMA from its EMA weights")
+            del init
         else:
             ema_init(ema, model)
 
@@ -473,18 +538,19 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
         os.makedirs(ckdir, exist_ok=True)
         with open(os.path.join(out_dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(dump_config(cfg))
-    log = _Log(out_dir, main_proc, step if payload is not None else None)
+    log = _Log(out_dir, main_proc, step if resumed else None)
     nparams = sum(p.numel() for p in model.parameters())
     log.info(f"{mcfg['type']} {nparams / 1e6:.2f}M params, {len(dataset)} items, global batch "
              f"{tcfg['global_batch_size']} on {world} x {device.type}, run dir {out_dir}")
 
-    grid_n = min(tcfg["grid_size"], 256)
+    grid_n = tcfg["grid_size"]
     demo_y = grid_labels(mcfg["num_classes"], grid_n)
     bar = _progress(main_proc and tcfg["progress"], step, tcfg["max_steps"])
     deadline = time.monotonic() + 60 * tcfg["max_minutes"] if tcfg["max_minutes"] else None
     loss_sum = torch.zeros((), device=device)
-    n_loss, t_log, last_loss = 0, time.perf_counter(), float("nan")
-    saved_step = step if payload is not None else -1
+    # n_timed steps since t_log: the speed logged. Checkpoints and sample grids restart the clock.
+    n_loss, n_timed, t_log, last_loss = 0, 0, time.perf_counter(), float("nan")
+    saved_step = step if resumed else -1
 
     def save(at_step: int):
         rngs = _all_gather(_rng_state(device), world)
@@ -493,7 +559,7 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
             ckpt_io.save_checkpoint({
                 "step": at_step, "model": model.state_dict(), "ema": ema.state_dict(),
                 "optimizer": opt.state_dict(), "objective": objective.state_dict(), "rng": rngs,
-                "data": batches.state_dict(), "config": cfg, "model_config": mcfg, "world_size": world,
+                "config": cfg, "model_config": mcfg, "world_size": world,
                 "latent_stats": dataset.latent_stats, "version": 1}, path)
             ckpt_io.prune_checkpoints(ckdir, tcfg["keep_last"], keep=src_in_ckdir)
             log.info(f"saved {path}", bar)
@@ -532,6 +598,7 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
         step += 1
         loss_sum += loss.detach().float()
         n_loss += 1
+        n_timed += 1
 
         if deadline is not None:
             stop = _agree(time.monotonic() >= deadline, world, device)
@@ -541,21 +608,27 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
                 loss_sum /= world
             last_loss = float(loss_sum) / n_loss
             now = time.perf_counter()
-            sps = n_loss / max(now - t_log, 1e-9)
+            sps = n_timed / max(now - t_log, 1e-9)
             row = {"step": step, "loss": last_loss, "steps_per_s": sps,
                    "images_per_s": sps * tcfg["global_batch_size"], "lr": opt.param_groups[0]["lr"]}
             log.metrics(row)
             if bar is not None:
                 bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{row['images_per_s']:.0f}", refresh=False)
             loss_sum.zero_()
-            n_loss, t_log = 0, time.perf_counter()
+            n_loss, n_timed, t_log = 0, 0, time.perf_counter()
         if bar is not None:
             bar.update(1)
+        paused = False
         if tcfg["sample_every"] and step % tcfg["sample_every"] == 0:
             grid(step)
+            paused = True
         if step % tcfg["ckpt_every"] == 0:
             save(step)
-            saved_step = step
+            saved_step, paused = step, True
+        if paused:
+            # Sampling and saving are not training: the speed is measured from here. Both end with
+            # copies to the host, so no queued training work is left out of the next interval.
+            n_timed, t_log = 0, time.perf_counter()
 
     if bar is not None:
         bar.close()
@@ -655,7 +728,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 cfg["output_dir"], cfg["exp_name"] = os.path.dirname(ckdir), None
             cfg = apply_overrides(cfg, args.overrides)
             validate_config(cfg)
-            args.resume, loaded = path, (path, payload)  # train() need not read it again
+            args.resume, loaded = path, [path, payload]  # train() need not read it again (and empties it)
+            del payload
         elif args.config is None:
             raise ConfigError("--config is required (or --resume PATH to continue a run)")
         else:
