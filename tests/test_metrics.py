@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ucgm_fast import metrics
-from ucgm_fast.data import get_dataset
+from ucgm_fast.data import ImageDataset, get_dataset
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +140,20 @@ def test_evaluate_samples_reports_every_metric(classifier, digits):
         assert np.isfinite(out[key])
     with pytest.raises(ValueError, match="samples have shape"):
         metrics.evaluate_samples(torch.zeros(4, 1, 6, 6), labels[:4], train, classifier=classifier, heldout=test)
+
+
+def test_evaluate_samples_floor_is_frechet_floor(classifier, digits):
+    # One floor: evaluate_samples' fd_floor is frechet_floor's at the same N and seed, and it refuses
+    # more samples than the train split holds instead of taking the floor at a smaller N.
+    train, test = digits
+    samples, labels = test.images[:100], test.labels[:100]
+    out = metrics.evaluate_samples(samples, labels, train, classifier=classifier, heldout=test, kid_subsets=2, seed=3)
+    assert out["fd_floor"] == metrics.frechet_floor(classifier, train.images, test.images, 100, seed=3)
+    small = ImageDataset(train.images[:50], train.labels[:50], train.num_classes, train.name)
+    with pytest.raises(ValueError, match=r"evaluate_samples: the floor needs n in \[2, 50\]"):
+        metrics.evaluate_samples(samples, labels, small, classifier=classifier, heldout=test, kid_subsets=2)
+    with pytest.raises(ValueError, match="frechet_floor: the floor needs n"):
+        metrics.frechet_floor(classifier, train.images, test.images, 1)
 
 
 class TinyInception(torch.nn.Module):

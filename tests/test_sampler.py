@@ -85,8 +85,8 @@ def test_auto_kappa_fixed_at_first_step():
     assert kappa == pytest.approx(min(1.0, ((abs(t1 - t) ** 0.5) * (2 * t) ** 0.5 / t1) ** 2), rel=1e-12)
     model = GaussianDenoiser("Linear")
     noise = noise_like()
-    auto = ucgm_fast.sample(model, noise, "Linear", 6, 1, "auto", state_dtype=torch.float64)
-    fixed = ucgm_fast.sample(model, noise, "Linear", 6, 1, kappa, state_dtype=torch.float64)
+    auto = ucgm_fast.sample(model, noise, "Linear", 6, 1, "auto", state_dtype=torch.float64, seed=0)
+    fixed = ucgm_fast.sample(model, noise, "Linear", 6, 1, kappa, state_dtype=torch.float64, seed=0)
     assert torch.equal(auto, fixed)
 
 
@@ -204,8 +204,8 @@ def test_custom_transport_matches_builtin():
                               gamma_to=lambda t: -1.0)
     model = GaussianDenoiser("Linear")
     noise = noise_like()
-    a = ucgm_fast.sample(model, noise, lin, 6, 2, 0.4, 0.3, state_dtype=torch.float64)
-    b = ucgm_fast.sample(model, noise, "Linear", 6, 2, 0.4, 0.3, state_dtype=torch.float64)
+    a = ucgm_fast.sample(model, noise, lin, 6, 2, 0.4, 0.3, state_dtype=torch.float64, seed=0)
+    b = ucgm_fast.sample(model, noise, "Linear", 6, 2, 0.4, 0.3, state_dtype=torch.float64, seed=0)
     assert rel_err(a, b) < 1e-12
 
 
@@ -328,6 +328,159 @@ def test_bad_input():
     assert torch.isfinite(ucgm_fast.sample(model, noise, steps=1, order=2, rfba_gap_steps=(0.0, 0.3))).all()
 
 
+def test_default_seed_is_fresh_per_call_and_follows_manual_seed():
+    # A fixed default seed gave every call the same step noise: at kappa > 0 batches drawn from
+    # independent noise came out nearly identical (correlation 0.998 at 30 steps, kappa 0.3).
+    model = GaussianDenoiser("Linear")
+    noise = noise_like(dtype=torch.float32)
+    a = ucgm_fast.sample(model, noise, "Linear")  # defaults: kappa = 1, the step noise is all there is
+    b = ucgm_fast.sample(model, noise, "Linear")
+    assert not torch.equal(a, b)
+    torch.manual_seed(7)
+    c = ucgm_fast.sample(model, noise, "Linear")
+    torch.manual_seed(7)
+    assert torch.equal(ucgm_fast.sample(model, noise, "Linear"), c)
+    # The key drawn is one int64 of the default generator, used as an explicit seed would be.
+    torch.manual_seed(7)
+    drawn = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), dtype=torch.int64)
+    assert torch.equal(ucgm_fast.sample(model, noise, "Linear", seed=drawn), c)
+
+    def corr(u, v):
+        u, v = u.flatten() - u.mean(), v.flatten() - v.mean()
+        return float(u @ v / (u.norm() * v.norm()))
+
+    kw = dict(steps=30, stochast_ratio=0.3, rfba_gap_steps=(0.001, 0.001))
+    big = GaussianDenoiser("Linear", shape=(64,))
+    u = ucgm_fast.sample(big, torch.randn(256, 64), "Linear", **kw)
+    v = ucgm_fast.sample(big, torch.randn(256, 64), "Linear", **kw)
+    assert abs(corr(u - big.mu.float(), v - big.mu.float())) < 0.2
+
+
+def test_check_settings_defaults_are_samples():
+    # check_settings validates what sample() would run: a setting left out means sample()'s default.
+    import inspect
+
+    sample_defaults = inspect.signature(ucgm_fast.sample).parameters
+    checked = inspect.signature(ucgm_fast.sampler.check_settings).parameters
+    for name, p in checked.items():
+        assert p.default == sample_defaults[name].default, name
+    assert "few-step" in ucgm_fast.sample.__doc__ and "rfba_gap_steps=(0.001, 0.001)" in ucgm_fast.sample.__doc__
+
+
+def test_check_settings_caches_nothing():
+    ucgm_fast.clear_graph_cache()
+    ucgm_fast.sampler.check_settings(steps=5, order=2, cfg_scale=2.0, stochast_ratio="auto")
+    ucgm_fast.sampler.check_settings("TrigFlow", steps=40, rfba_gap_steps=(0.001, 0.001))
+    assert not ucgm_fast.sampler._TABLES
+    with pytest.raises(ValueError, match="gamma_in"):
+        ucgm_fast.sampler.check_settings(steps=4, order=2, rfba_gap_steps=(0.0, 0.3))
+    assert not ucgm_fast.sampler._TABLES
+
+
+def _published_cfg_weight(t32: torch.Tensor, lo: float, hi: float, scale: float) -> float:
+    """forward_with_cfg's test, as published: t[0] >= cfg_interval[0] and t[0] <= cfg_interval[1]."""
+    return scale if (t32[0] >= lo and t32[0] <= hi) else 1.0
+
+
+def test_cfg_interval_is_tested_on_the_float32_t_the_model_sees():
+    # Linear, 10 steps, gaps (0, 0): the last t is 1 - 0.9 = 0.09999999999999998 in float64, below
+    # lo = 0.1, but the model is given float32(0.1), which the published test counts as inside.
+    model = GaussianDenoiser("Linear")
+    y = torch.tensor([1, 4, 7])
+    lo, hi = 0.1, 0.9
+
+    def guided(x, t, y):
+        cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, model.num_classes))
+        return uncond + _published_cfg_weight(t, lo, hi, 2.0) * (cond - uncond)
+
+    def both_halves(x, t, y):
+        return model(x, t, y)
+
+    both_halves.num_classes = model.num_classes
+    noise = noise_like(dtype=torch.float32)
+    kw = dict(rfba_gap_steps=(0.0, 0.0), y=y)
+    out = ucgm_fast.sample(both_halves, noise, "Linear", 10, 1, 0.0, cfg_scale=2.0, cfg_interval=(lo, hi),
+                           state_dtype=torch.float64, **kw)
+    ref = reference.sample(guided, noise, "Linear", 10, 1, 0.0, **kw)
+    assert rel_err(out, ref) < 1e-6
+    # Every table weight against the published test on the float32 t, across settings near the edges.
+    from ucgm_fast.sampler import _Plan
+
+    for tr in ("Linear", "ReLinear", "TrigFlow"):
+        for steps in range(1, 41):
+            for gaps in ((0.0, 0.0), (0.001, 0.0), (0.001, 0.002)):
+                for interval in ((0.1, 0.9), (0.0, 0.76), (0.3, 1.0), (0.125, 1.0)):
+                    plan = _Plan(both_halves, noise, tr, steps, 1, 0.0, 0.0, (1, 1, 1), gaps, 2.0, interval, 0,
+                                 torch.float32, False, False, y, cache_tables=False)
+                    want = [_published_cfg_weight(plan.t_model[i], *interval, 2.0) for i in range(plan.iters)]
+                    assert plan.weight[:plan.iters].tolist() == want, (tr, steps, gaps, interval)
+
+
+def test_guidance_through_a_bound_method():
+    # The published eval passes model.forward_with_cfg / model.forward: num_classes is the module's.
+    model = GaussianDenoiser("Linear")
+    y, noise = torch.tensor([1, 4, 7]), noise_like()
+    kw = dict(steps=4, stochast_ratio=0.5, cfg_scale=1.5, y=y, seed=3, state_dtype=torch.float64)
+    bound = ucgm_fast.sample(model.forward, noise, "Linear", **kw)
+    assert torch.equal(bound, ucgm_fast.sample(model, noise, "Linear", **kw))
+    from ucgm_fast.sampler import _num_classes
+
+    class Wrapper(torch.nn.Module):  # DDP-style: the innermost .module holds the attribute
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert _num_classes(Wrapper(Wrapper(model))) == 10 and _num_classes(Wrapper(model).forward) == 10
+    assert _num_classes(torch.compile(model)) == 10  # a compiled module forwards attribute reads
+    assert _num_classes(lambda x, t, y: x) is None
+
+
+def _graph_key(model, noise=None):
+    from ucgm_fast.sampler import _Plan
+
+    noise = noise_like(dtype=torch.float32) if noise is None else noise
+    return _Plan(model, noise, "Linear", 2, 1, 0.0, 0.0, (1, 1, 1), (0.001, 0.3), 0.0, (0.0, 0.75), 0,
+                 torch.float32, False, False, None, cache_tables=False).graph_key()
+
+
+def test_graph_key_names_a_bound_method_by_its_module():
+    # model.forward is a new object at every attribute access: keyed on id(), every call captured
+    # the loop again (a private memory pool each, up to GRAPH_CACHE_SIZE of them).
+    net, other = GaussianDenoiser("Linear"), GaussianDenoiser("Linear")
+    assert net.forward is not net.forward
+    assert _graph_key(net.forward) == _graph_key(net.forward)
+    assert _graph_key(net) == _graph_key(net)
+    assert len({_graph_key(net.forward), _graph_key(other.forward), _graph_key(net)}) == 3
+    assert _graph_key(net.forward) != _graph_key(net.forward, noise_like((2,) + SHAPE[1:], dtype=torch.float32))
+
+
+def test_graph_sees_parameters_that_moved():
+    # A captured graph reads the parameters where they were; replaced or re-allocated ones would be
+    # read from freed memory, so the cache checks their addresses before each replay.
+    from ucgm_fast import sampler as S
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    net.register_buffer("scale", torch.ones(4))
+    for model in (net, net.forward):
+        slots = S._tensor_slots(model)
+        assert len(slots) == 5
+        before = S._addresses(slots)
+        with torch.no_grad():
+            net[0].weight.add_(1.0)  # in place: the graph sees it, nothing to do
+        assert S._addresses(slots) == before
+    net.half()
+    assert S._addresses(slots) != before
+    net.float()
+    before = S._addresses(slots)
+    net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()}, assign=True)
+    assert S._addresses(slots) != before
+    before = S._addresses(slots)
+    net.scale = torch.zeros(4)  # a buffer replaced
+    assert S._addresses(slots) != before
+    assert S._tensor_slots(lambda x, t: net(x)) == []  # a closure's tensors are not seen (documented)
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU)
 # ---------------------------------------------------------------------------------------------
@@ -438,3 +591,42 @@ def test_no_host_sync_in_loop():
                          cfg_scale=2.0, y=y)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+def test_cuda_graph_of_a_bound_method_replays_and_moved_parameters_capture_again():
+    from ucgm_fast import sampler as S
+
+    ucgm_fast.clear_graph_cache()
+    torch.manual_seed(0)
+
+    class Model(torch.nn.Module):
+        num_classes = 4
+
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 16)
+
+        def forward(self, x, t, y):
+            return self.lin(x) * 0.1 + x * t[:, None]
+
+    model, noise = Model().cuda(), torch.randn(8, 16, device="cuda")
+    kw = dict(steps=3, stochast_ratio=0.5, seed=1, y=torch.zeros(8, dtype=torch.long, device="cuda"))
+    for _ in range(3):  # model.forward: a new method object per call, one graph
+        graph = ucgm_fast.sample(model.forward, noise, "Linear", cuda_graph=True, **kw)
+        assert torch.equal(graph, ucgm_fast.sample(model, noise, "Linear", **kw))
+    assert len(S._GRAPHS) == 1
+    # Default seed: drawn per call on the host and copied in before each replay.
+    torch.manual_seed(5)
+    a = ucgm_fast.sample(model.forward, noise, "Linear", cuda_graph=True, **{**kw, "seed": None})
+    torch.manual_seed(5)
+    assert torch.equal(a, ucgm_fast.sample(model, noise, "Linear", **{**kw, "seed": None}))
+    assert not torch.equal(a, ucgm_fast.sample(model.forward, noise, "Linear", cuda_graph=True,
+                                               **{**kw, "seed": None}))
+    # Parameters replaced, not updated in place: the old graph would read freed memory.
+    model.load_state_dict({k: v * 2 for k, v in model.state_dict().items()}, assign=True)
+    churn = [torch.randn(16, 16, device="cuda") for _ in range(64)]  # reuses what was freed
+    graph = ucgm_fast.sample(model.forward, noise, "Linear", cuda_graph=True, **kw)
+    del churn
+    assert torch.equal(graph, ucgm_fast.sample(model, noise, "Linear", **kw))
+    assert len(S._GRAPHS) == 1  # the stale graph was dropped, not kept beside the new one

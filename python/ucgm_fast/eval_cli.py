@@ -45,17 +45,39 @@ def _parser() -> argparse.ArgumentParser:
 
 
 @torch.no_grad()
-def generate(model, cfg, num: int, steps: int, seed: int = 0, **overrides):
-    """(samples, labels): num class-balanced samples in batches of sample.per_batch_size."""
+def generate(model, cfg, num: int, steps: int, seed: int = 0, labels: Optional[torch.Tensor] = None,
+             progress: Optional[str] = None, **overrides):
+    """(samples, labels): num samples (float32, CPU) in batches of sample.per_batch_size.
+
+    Labels default to class-balanced ones (0..num_classes-1 cycled). Batch i is drawn with seed
+    ``seed * 100_003 + i`` (its noise and its step noise), so ucgm-sample and ucgm-eval give the same
+    samples for the same seed, and the sets of ucgm-eval --repeats (seeds seed, seed + 1, ...) never
+    share a batch's noise. ``progress``: a label for a progress bar on stderr (shown for more than
+    one batch).
+    """
     from .train import grid_labels, sample_images
 
     device = next(model.parameters()).device
-    labels = grid_labels(model.num_classes, num)
+    labels = grid_labels(model.num_classes, num) if labels is None else labels
+    if len(labels) != num:
+        raise ValueError(f"generate: {len(labels)} labels for {num} samples")
     per = int(cfg["sample"]["per_batch_size"])
+    starts = range(0, num, per)
+    bar = None
+    if progress and len(starts) > 1:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num, desc=progress, unit="sample", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     out = []
-    for i, start in enumerate(range(0, num, per)):
-        y = labels[start:start + per].to(device)
-        out.append(sample_images(model, cfg, y, seed=seed * 100_003 + i, steps=steps, **overrides).float().cpu())
+    try:
+        for i, start in enumerate(starts):
+            y = labels[start:start + per].to(device)
+            out.append(sample_images(model, cfg, y, seed=seed * 100_003 + i, steps=steps, **overrides).float().cpu())
+            if bar is not None:
+                bar.update(len(y))
+    finally:
+        if bar is not None:
+            bar.close()
     return torch.cat(out), labels
 
 
@@ -91,7 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runs = []
         for seed in range(args.seed, args.seed + args.repeats):
             start = time.perf_counter()
-            samples, labels = generate(model, cfg, num, steps, seed=seed, **overrides)
+            samples, labels = generate(model, cfg, num, steps, seed=seed, progress="ucgm-eval: sampling",
+                                       **overrides)
             gen_s = time.perf_counter() - start
             if args.grid and seed == args.seed:
                 save_grid(images_of(train_set, samples[:100]), args.grid,

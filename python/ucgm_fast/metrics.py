@@ -21,7 +21,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -323,15 +322,21 @@ def memorisation_check(generated: torch.Tensor, train_images: torch.Tensor, held
     return {"nn_dist_generated": d_gen, "nn_dist_heldout": d_held, "nn_ratio": d_gen / max(d_held, 1e-12)}
 
 
+def _floor_features(op: str, classifier: FeatureClassifier, train_images: torch.Tensor, n: int,
+                    seed: int) -> torch.Tensor:
+    """Features of the floor's real sample: n train-split images drawn without replacement by seed."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2 or n > len(train_images):
+        raise ValueError(f"{op}: the floor needs n in [2, {len(train_images)}] train images (as many as the "
+                         f"samples scored), got {n!r}")
+    gen = torch.Generator().manual_seed(seed)
+    return extract_features(classifier, train_images[torch.randperm(len(train_images), generator=gen)[:n]])
+
+
 def frechet_floor(classifier: FeatureClassifier, train_images: torch.Tensor, heldout_images: torch.Tensor, n: int,
                   seed: int = 0, heldout_features: torch.Tensor = None) -> float:
     """FD of n random train-split images vs the held-out set: the best a model can score with n samples."""
-    if not isinstance(n, int) or n < 2 or n > len(train_images):
-        raise ValueError(f"frechet_floor: n must be an integer in [2, {len(train_images)}], got {n!r}")
-    gen = torch.Generator().manual_seed(seed)
-    sample = train_images[torch.randperm(len(train_images), generator=gen)[:n]]
     ref = heldout_features if heldout_features is not None else extract_features(classifier, heldout_images)
-    return frechet_distance(extract_features(classifier, sample), ref)
+    return frechet_distance(_floor_features("frechet_floor", classifier, train_images, n, seed), ref)
 
 
 def evaluate_samples(samples: torch.Tensor, labels: torch.Tensor, dataset, classifier: FeatureClassifier = None,
@@ -349,12 +354,13 @@ def evaluate_samples(samples: torch.Tensor, labels: torch.Tensor, dataset, class
     if classifier is None:
         classifier = load_or_train_classifier(train, heldout=heldout, cache_dir=cache_dir)
     n = len(samples)
+    # frechet_floor's real sample (same n and seed: fd_floor == frechet_floor(..., n, seed)), kept for
+    # the MMD floor too rather than extracted twice. More samples than train images is an error, not a
+    # floor taken at a smaller N.
+    real_feats = _floor_features("evaluate_samples", classifier, train.images, n, seed)
     samples = samples.detach().float().cpu().clamp(-1, 1)
     ref = extract_features(classifier, heldout.images)
     gen_feats = extract_features(classifier, samples)
-    g = torch.Generator().manual_seed(seed)
-    real = train.images[torch.randperm(len(train), generator=g)[:n]]
-    real_feats = extract_features(classifier, real)
     fd, floor = frechet_distance(gen_feats, ref), frechet_distance(real_feats, ref)
     out = {
         "n": n,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import List, Optional
 
 import numpy as np
@@ -25,12 +26,23 @@ def to_display(x: torch.Tensor) -> torch.Tensor:
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None, scale: int = 0, pad: int = 1) -> str:
-    """Saves images (N, C, H, W) in [0, 1] (C = 1 or 3) as one PNG grid, nearest-upscaled for small H."""
+    """Saves images (N, C, H, W) in [0, 1] (C = 1 or 3) as one PNG grid, nearest-upscaled for small H.
+
+    Images with NaN or infinite values (a diverged sample) are drawn (NaN black, infinities clipped)
+    with a RuntimeWarning that counts them: a black tile alone looks like a dark sample.
+    """
     from PIL import Image
 
-    images = images.detach().float().cpu().clamp(0, 1)
+    images = images.detach().float().cpu()
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"save_grid: images must be (N, 1|3, H, W), got {tuple(images.shape)}")
+    bad = ~torch.isfinite(images).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        first = [int(i) for i in bad.nonzero()[:5, 0]]
+        warnings.warn(f"save_grid: {int(bad.sum())} of {len(images)} images hold NaN or infinite values (first: "
+                      f"{first}); NaN is drawn black in {path}. A diverged sampler or model?", RuntimeWarning,
+                      stacklevel=2)
+    images = images.nan_to_num(nan=0.0).clamp(0, 1)  # NaN to uint8 is undefined: black, explicitly
     n, c, h, w = images.shape
     nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
     ncol = int(math.ceil(n / nrow))

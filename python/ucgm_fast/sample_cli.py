@@ -3,6 +3,8 @@
     ucgm-sample --ckpt runs/digits_fewstep/checkpoints/0000600.pt --steps 2 --out grid.png
 
 Sampler settings default to the checkpoint config's ``sample`` section; each flag overrides one.
+Samples are drawn in batches of ``sample.per_batch_size`` with one seed per batch, as ucgm-eval
+draws them: the same --seed gives the same samples in both.
 """
 from __future__ import annotations
 
@@ -74,6 +76,18 @@ def sampler_overrides(args) -> dict:
     return out
 
 
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work: a CUDA call returns when its kernels are launched, not run."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def elapsed_since(start: float, device: torch.device) -> float:
+    """Seconds since ``start`` (time.perf_counter) once the device's queued work is done."""
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,8 +97,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .train import (build_dataset, grid_labels, images_of, load_model_from_checkpoint, sample_images,
-                        to_autoencoder_latents)
+    from .eval_cli import generate
+    from .train import build_dataset, grid_labels, images_of, load_model_from_checkpoint, to_autoencoder_latents
 
     args = _parser().parse_args(argv)
     try:
@@ -109,9 +123,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         steps = args.steps or cfg["sample"]["sampling_steps"]
         overrides = sampler_overrides(args)
         check_sampler_settings(cfg, steps, **overrides)
+        synchronize(device)  # the model's copy to the device is not sampling time
         start = time.perf_counter()
-        x = sample_images(model, cfg, labels.to(device), seed=args.seed, steps=steps, **overrides)
-        elapsed = time.perf_counter() - start
+        x, _ = generate(model, cfg, args.num, steps, seed=args.seed, labels=labels, progress="ucgm-sample",
+                        **overrides)
+        elapsed = elapsed_since(start, device)
         try:
             dataset = build_dataset(cfg, "train")  # only for its decoder to [0, 1] images
         except Exception:  # the data may not be on this machine: fall back to a min-max view

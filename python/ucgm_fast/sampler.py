@@ -5,7 +5,9 @@ a Kumaraswamy-mapped time grid, decode, extrapolation from step index 2 against 
 estimates, stochastic mixing, an optional order-2 (Heun) correction, "auto" kappa fixed at the first
 step, and the last raw x_hat as the sample. Each step is one fused kernel (``sampler_step``), the
 correction another (``sampler_correct``); the noise is drawn inside the kernel from Philox keyed by
-(seed, step index), so a seed gives the same samples on CPU and CUDA.
+(seed, step index), so a seed gives the same samples on CPU and CUDA. Without a seed each call draws
+one from torch's default CPU generator: batches get independent noise, and torch.manual_seed
+reproduces a run.
 
 Nothing in the loop waits for the device: every per-step scalar (times, kappa, extrapolation
 ratio, guidance weight) is computed on the host before the loop and copied once, so the whole loop,
@@ -14,6 +16,7 @@ model calls included, can be captured as one CUDA graph and replayed (``cuda_gra
 from __future__ import annotations
 
 import numbers
+import types
 from collections import OrderedDict
 from typing import Optional
 
@@ -53,13 +56,13 @@ def _pair(op, name, v, n):
 
 
 def _num_classes(model) -> Optional[int]:
-    # As published: the attribute of the innermost module (DDP / compile wrappers expose .module).
-    m = model
+    # As published: the attribute of the innermost module (DDP wrappers expose .module; a compiled
+    # module forwards attribute reads to its original). A bound method (model.forward_with_cfg, as the
+    # published eval passes) reads its module's: attribute reads on a method go to its function.
+    m = model.__self__ if isinstance(model, types.MethodType) else model
     while hasattr(m, "module"):
         m = m.module
-    if hasattr(m, "num_classes"):
-        return m.num_classes
-    return getattr(getattr(model, "_orig_mod", None), "num_classes", None)
+    return getattr(m, "num_classes", None)
 
 
 #: Per-step tables kept at most: building them (grid, kappa, guidance weights, device copies) costs
@@ -76,15 +79,17 @@ def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     return t.pin_memory().to(dev, non_blocking=True)
 
 
-def _tables(steps, order, tr, time_dist, gaps, kappa, e, scale, interval, batch, t_dtype, dev):
+def _tables(steps, order, tr, time_dist, gaps, kappa, e, scale, interval, batch, t_dtype, dev, cache=True):
     """(sched (K, 4) float64: t, t', kappa, e; t_model (K + 1, batch), weight (K + 1,) in t_dtype) on dev,
     followed on CUDA by the event that marks their copies done and the stream that made them.
 
     Built once per setting (built-in transports; a custom one is not a stable key) and shared by
     every call with it: they are only read, by the loop and when a captured graph's copies are filled.
+    ``cache=False`` builds without keeping them (:func:`check_settings`' probes are never sampled).
     """
+    cache = cache and tr.id is not None
     key = (steps, order, tr.id, time_dist, gaps, kappa, e, scale, interval, batch, t_dtype, dev)
-    if tr.id is not None and key in _TABLES:
+    if cache and key in _TABLES:
         _TABLES.move_to_end(key)
         return _TABLES[key]
     grid = reference.time_grid(steps, order, tr, time_dist, gaps)  # also checks the transport
@@ -106,15 +111,19 @@ def _tables(steps, order, tr, time_dist, gaps, kappa, e, scale, interval, batch,
     sched[:, 0], sched[:, 1], sched[:, 2], sched[:, 3] = grid[:-1], grid[1:], kappa, e
     # The model sees t in float32 (float64 for float64 noise), as published: t_cur.to(float32).
     t_model = grid.to(t_dtype).reshape(-1, 1).expand(-1, batch).contiguous()
+    # The interval test sees the t the model gets, as published (forward_with_cfg: t[0] >= lo and
+    # t[0] <= hi, t float32, lo and hi Python floats, so compared in float32, both ends inclusive):
+    # on the float64 grid, t = 1 - 0.9 = 0.09999999999999998 would miss lo = 0.1 that float32 t hits.
     lo, hi = interval
-    weight = torch.ones_like(grid).masked_fill_((grid >= lo) & (grid <= hi), scale).to(t_dtype)
+    t_grid = t_model[:, 0]
+    weight = torch.ones_like(t_grid).masked_fill_((t_grid >= lo) & (t_grid <= hi), scale)
     tables = tuple(_to_device(v, dev) for v in (sched, t_model, weight))
     if dev.type == "cuda":  # the copies are asynchronous: a call on another stream waits for them
         stream = torch.cuda.current_stream(dev)
         ready = torch.cuda.Event()
         ready.record(stream)
         tables += (ready, stream)
-    if tr.id is not None:
+    if cache:
         _TABLES[key] = tables
         while len(_TABLES) > TABLE_CACHE_SIZE:
             _TABLES.popitem(last=False)
@@ -125,7 +134,8 @@ class _Plan:
     """Everything the loop needs, fixed before it runs: validated arguments and per-step tables."""
 
     def __init__(self, model, noise, transport, steps, order, stochast_ratio, extrapol_ratio, time_dist_ctrl,
-                 rfba_gap_steps, cfg_scale, cfg_interval, seed, state_dtype, return_trajectory, cuda_graph, y):
+                 rfba_gap_steps, cfg_scale, cfg_interval, seed, state_dtype, return_trajectory, cuda_graph, y,
+                 cache_tables=True):
         op = "sample"
         if not callable(model):
             raise TypeError(f"{op}: model must be callable as model(x, t, y), got {type(model).__name__}")
@@ -165,6 +175,11 @@ class _Plan:
             raise ValueError(f"{op}: cfg_interval must be (lo, hi) with lo <= hi, got {(lo, hi)}")
         if state_dtype not in fused.STATE_DTYPES:
             raise TypeError(f"{op}: state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
+        if seed is None:
+            # A fresh key per call, from torch's default CPU generator: independent noise for every
+            # batch, reproducible under torch.manual_seed. Drawn on the host: no device sync, and a
+            # captured graph gets it copied into its seed before each replay, like an explicit one.
+            seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), dtype=torch.int64)
         # A seed tensor stays where it is (a CUDA one is not read back by the host).
         self.seed = fused.make_seed(op, seed, seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu"))
         tr = get_transport(transport)
@@ -196,7 +211,7 @@ class _Plan:
         dev = noise.device
         self.sched, self.t_model, self.weight, *copied = _tables(
             int(steps), order, tr, (a, b, c), (g0, g1), "auto" if self.auto else kappa, e, scale, (lo, hi), batch,
-            t_dtype, dev)
+            t_dtype, dev, cache_tables)
         if copied:
             ready, made_on = copied
             stream = torch.cuda.current_stream(dev)
@@ -206,11 +221,53 @@ class _Plan:
                     t.record_stream(stream)
         self.iters = self.sched.shape[0]
         self.seed = _to_device(self.seed, dev)
+
+    def graph_key(self) -> tuple:
+        """What a captured loop was captured for: the model, shapes, dtypes, step count, settings that change
+        the kernels launched (not the per-step values, which are copied in before each replay)."""
+        noise, y = self.noise, self.y
+        dev = noise.device
         # A captured graph holds the kernels the model launched, so an autocast region around the call
         # (which changes them) is part of what it was captured for.
         amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
-        self.key = (id(model), tuple(noise.shape), noise.dtype, dev, state_dtype, self.iters, order, tr.id, e > 0,
-                    self.cfg, None if y is None else (y.dtype, tuple(y.shape)), self.trajectory, amp)
+        return (_model_identity(self.model), tuple(noise.shape), noise.dtype, dev, self.state_dtype, self.iters,
+                self.order, self.tr.id, self.e > 0, self.cfg, None if y is None else (y.dtype, tuple(y.shape)),
+                self.trajectory, amp)
+
+
+def _model_identity(model):
+    """The graph cache's name for a model: id(model), and for a bound method (model.forward,
+    ema.forward_with_cfg) its owner's id and its function.
+
+    Every attribute access makes a new bound-method object, so id(model.forward) differs between
+    calls (a capture and a private memory pool per call); its owner and function do not. The cached
+    graph keeps the model (for a method, its owner through it) alive, so no id is reused meanwhile.
+    """
+    if isinstance(model, types.MethodType):
+        return id(model.__self__), model.__func__
+    return id(model)
+
+
+def _tensor_slots(model) -> list:
+    """(dict, name) of every parameter and buffer of the model (a bound method's owner), when it is a module.
+
+    Walked once, at capture: reading the slots back is cheap, walking the module tree is not (DiT-XL/2
+    has 437 modules). A tensor replaced in its slot (load_state_dict(assign=True)) or re-allocated
+    (model.half(), .to()) then shows as another address; a submodule replaced later is not seen.
+    """
+    owner = model.__self__ if isinstance(model, types.MethodType) else model
+    if not isinstance(owner, torch.nn.Module):
+        return []
+    return [(d, name) for m in owner.modules() for d in (m._parameters, m._buffers)
+            for name, v in d.items() if v is not None]
+
+
+def _addresses(slots: list) -> tuple:
+    """(data address, dtype) of the tensors now in these slots (a missing one reads as None).
+
+    The dtype too: a tensor converted twice (float -> half -> bfloat16) may land where it started.
+    """
+    return tuple([None if v is None else (v.data_ptr(), v.dtype) for v in [d.get(name) for d, name in slots]])
 
 
 class _Probe:
@@ -222,16 +279,18 @@ class _Probe:
         return x
 
 
-def check_settings(transport="Linear", steps: int = 2, order: int = 1, stochast_ratio=0.0,
-                   extrapol_ratio: float = 0.0, time_dist_ctrl=(1.0, 1.0, 1.0), rfba_gap_steps=(0.001, 0.001),
+def check_settings(transport="Linear", steps: int = 2, order: int = 1, stochast_ratio=1.0,
+                   extrapol_ratio: float = 0.0, time_dist_ctrl=(1.0, 1.0, 1.0), rfba_gap_steps=(0.001, 0.3),
                    cfg_scale: float = 0.0, cfg_interval=(0.0, 0.75)) -> None:
     """Raises the ValueError / TypeError :func:`sample` would raise for these settings, without a model.
 
-    For configs and command lines, checked before hours of training end in a failed sample grid.
+    For configs and command lines, checked before hours of training end in a failed sample grid. The
+    defaults are :func:`sample`'s, so a setting left out is checked as sample() would run it. Nothing
+    is cached: the probe's per-step tables are built and dropped.
     """
     _Plan(_Probe(), torch.zeros(1, 1), transport, steps, order, stochast_ratio, extrapol_ratio, time_dist_ctrl,
           rfba_gap_steps, cfg_scale, cfg_interval, 0, torch.float32, False, False,
-          torch.zeros(1, dtype=torch.long))
+          torch.zeros(1, dtype=torch.long), cache_tables=False)
 
 
 def _run(plan: _Plan, noise: torch.Tensor, sched: torch.Tensor, t_model: torch.Tensor, weight: torch.Tensor,
@@ -313,7 +372,7 @@ class _Captured:
     """One captured loop: static inputs copied in before each replay, static outputs cloned after."""
 
     def __init__(self, plan: _Plan):
-        self.model = plan.model  # keeps id(model) in the key from being reused while cached
+        self.model = plan.model  # keeps the ids in the key (model, a method's owner) from being reused while cached
         self.noise = plan.noise.clone()
         self.sched, self.t_model = plan.sched.clone(), plan.t_model.clone()
         self.weight, self.seed = plan.weight.clone(), plan.seed.clone()
@@ -335,6 +394,16 @@ class _Captured:
         # belongs to whichever device was current at the process's first capture.
         with torch.cuda.graph(self.graph, stream=side):
             self.out = _run(*args)
+        # The graph reads the model's tensors where they were at capture (after the warm-up, which may
+        # have made lazy ones): see moved().
+        self.slots = _tensor_slots(plan.model)
+        self.addresses = _addresses(self.slots)
+
+    def moved(self) -> bool:
+        """Whether a parameter or buffer of the model is no longer where the graph reads it: a replay
+        would read freed (or reused) memory. Checked before every replay: ~70 us for DiT-XL/2's 293
+        tensors on this project's busy 2-core machine (a whole CPU sample() call of a trivial model: ~155 us)."""
+        return _addresses(self.slots) != self.addresses
 
     def replay(self, plan: _Plan):
         self.noise.copy_(plan.noise)
@@ -355,7 +424,7 @@ class _Captured:
 @torch.no_grad()
 def sample(model, noise, transport="Linear", steps=2, order=1, stochast_ratio=1.0, extrapol_ratio=0.0,
            time_dist_ctrl=(1.0, 1.0, 1.0), rfba_gap_steps=(0.001, 0.3), cfg_scale=0.0, cfg_interval=(0.0, 0.75),
-           seed=0, state_dtype=torch.float32, return_trajectory=False, cuda_graph=False, y=None):
+           seed=None, state_dtype=torch.float32, return_trajectory=False, cuda_graph=False, y=None):
     """x = x_hat of the last step of the UCGM sampler started from ``noise``.
 
     Each step: (x_hat, z_hat) = decode(model(x, t, y)) at t; from step index 2 on,
@@ -363,11 +432,20 @@ def sample(model, noise, transport="Linear", steps=2, order=1, stochast_ratio=1.
     alpha_in(t') (sqrt(1 - kappa) z_hat + sqrt(kappa) eps), eps ~ Philox(seed, step). Order 2 adds a
     Heun correction with a second model call at t' (every step but the last).
 
+    The defaults (steps=2, stochast_ratio=1.0, rfba_gap_steps=(0.001, 0.3)) are few-step settings, for
+    a model trained with consistc_ratio=1. A multi-step model wants the published multi-step recipe:
+    ``uni_sample``'s own defaults and the configs in configs/sampling_multi_steps/ use
+    stochast_ratio=0.0 and rfba_gap_steps=(0.001, 0.001) (one config (0.001, 0.002)), with 40 to 150
+    steps, extrapol_ratio 0.28 to 0.54 and time_dist_ctrl (1.17, 0.8, 1.1) or (1.2, 0.72, 1.2). Left at
+    kappa = 1 and g1 = 0.3, a multi-step model samples off its data (the exact denoiser of N(0, 0.5^2)
+    data, 30 steps: sample std 0.30 instead of 0.48 with the multi-step settings).
+
     Parameters
     ----------
     model : callable
         Called as ``model(x, t, y)`` (``model(x, t)`` without labels), x in noise's dtype, t of shape
-        (B,) in float32 (float64 for float64 noise); returns F shaped like x.
+        (B,) in float32 (float64 for float64 noise); returns F shaped like x. A module, or a bound
+        method of one (``model.forward_with_cfg``); guidance reads ``num_classes`` from it.
     noise : Tensor
         Initial noise (B, ...); its dtype is the dtype the model is fed.
     transport : str or Transport
@@ -387,16 +465,30 @@ def sample(model, noise, transport="Linear", steps=2, order=1, stochast_ratio=1.
         once on the conditional and unconditional halves (labels y and model.num_classes) and
         F = F_uncond + w' (F_cond - F_uncond), w' = w for t in cfg_interval (inclusive), else 1.
     cfg_interval : (lo, hi)
-    seed : int
-        Keys the in-kernel noise with the step index: same seed, same samples, on CPU and CUDA.
+        Tested on the t the model is given (float32 for float32 noise), both ends inclusive, as the
+        published ``forward_with_cfg`` does: t = float32(0.1) is inside (0.1, 0.9).
+    seed : int, Tensor or None
+        Keys the in-kernel noise with the step index: same seed, same samples, on CPU and CUDA (an int,
+        or a one-element int64 tensor, which may live on the device). None (the default) draws one
+        int64 from torch's default CPU generator on every call: successive calls (batches) get
+        independent noise, torch.manual_seed reproduces a run, and nothing waits for the device. With
+        kappa > 0, two calls that share a seed share every step's noise: their samples are strongly
+        correlated even from independent ``noise``.
     state_dtype : torch.float32 or torch.float64
         Precision of the state and of the step arithmetic.
     return_trajectory : bool
         Also return every step's x_hat, stacked (steps_run, B, ...).
     cuda_graph : bool
         Capture the whole loop (model calls included) once per model, shape, dtype, step count and
-        autocast setting around the call, and replay it. The model's parameters must stay at the same
-        addresses (in-place updates are fine); see :func:`clear_graph_cache`.
+        autocast setting around the call, and replay it (the seed, noise, labels and per-step values are
+        copied in before each replay). Graphs are cached per model object: pass the same module or a
+        bound method of it (``model.forward`` is named by its module and function, so a new method
+        object each call still replays); a lambda, functools.partial or local function made anew per
+        call is a new model each time, captured again with its own memory pool. The model's parameters must stay at the
+        same addresses (in-place updates are fine); a module's parameters and buffers are checked on
+        every replay, and a graph whose tensors were replaced or moved (``model.half()``,
+        ``load_state_dict(assign=True)``) is captured again. A submodule swapped in, or tensors
+        captured through a closure, are not seen: call :func:`clear_graph_cache` then.
     y : Tensor, optional
         Class labels (B,).
 
@@ -410,10 +502,13 @@ def sample(model, noise, transport="Linear", steps=2, order=1, stochast_ratio=1.
     if not cuda_graph:
         return _run(plan, plan.noise, plan.sched, plan.t_model, plan.weight, plan.seed, plan.y)
     with torch.cuda.device(plan.noise.device):  # capture and replay on the noise's device (cuda:1 too)
-        captured = _GRAPHS.pop(plan.key, None)
+        key = plan.graph_key()
+        captured = _GRAPHS.pop(key, None)
+        if captured is not None and captured.moved():
+            captured = None  # model.half(), load_state_dict(assign=True), ...: dropped with its memory, captured anew
         if captured is None:
             captured = _Captured(plan)
-        _GRAPHS[plan.key] = captured
+        _GRAPHS[key] = captured
         while len(_GRAPHS) > GRAPH_CACHE_SIZE:
             _GRAPHS.popitem(last=False)
         return captured.replay(plan)
