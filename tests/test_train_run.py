@@ -542,7 +542,7 @@ def test_resume_names_settings_that_change_the_data_order_or_the_learning_rate(t
 def test_logged_speed_leaves_out_checkpoints_and_sample_grids(tmp_path, monkeypatch):
     import ucgm_fast.train as train_mod
 
-    pause = 0.5
+    pause = 1.0
     real_save, real_grid = ck.save_checkpoint, train_mod.save_grid
     monkeypatch.setattr(ck, "save_checkpoint", lambda *a, **k: (time.sleep(pause), real_save(*a, **k))[1])
     monkeypatch.setattr(train_mod, "save_grid", lambda *a, **k: (time.sleep(pause), real_grid(*a, **k))[1])
@@ -550,7 +550,7 @@ def test_logged_speed_leaves_out_checkpoints_and_sample_grids(tmp_path, monkeypa
                                               "train.sample_every=1", "train.keep_last=1"])
     train(cfg)
     rows = [json.loads(line) for line in open(os.path.join(cfg["output_dir"], "metrics.jsonl"))]
-    # Counted in, each 2-step interval would hold a save and a grid or two of each (1 s or more): under
-    # 2 steps/s. A step of this model takes a few ms.
+    # Counted in, each 2-step interval would hold two saves and two grids (4 s): 0.5 steps/s at most. Left
+    # out, it holds one step of this model (a few ms; the bound allows 666 ms on a loaded machine).
     assert [r["step"] for r in rows] == [2, 4, 6]
-    assert all(r["steps_per_s"] > 5 and r["images_per_s"] == r["steps_per_s"] * 16 for r in rows), rows
+    assert all(r["steps_per_s"] > 1.5 and r["images_per_s"] == r["steps_per_s"] * 16 for r in rows), rows
