@@ -428,3 +428,19 @@ def test_transport_section_takes_what_the_objective_takes():
     from ucgm_fast.config import build_objective
     ucgm = build_objective(cfg)
     assert ucgm.time_weighting == "cosine" and ucgm.enhanced_range == (0.1, 0.6)
+
+
+def test_init_from_and_ckpt_together_are_refused():
+    # train.init_from used to win silently over the published train.ckpt.
+    with pytest.raises(ConfigError, match=r"'train\.init_from' \('a\.pt'\) and 'train\.ckpt' \('b\.pt'\) both"):
+        load_config(None, ["train.init_from=a.pt", "train.ckpt=b.pt"])
+
+
+def test_text_files_are_replaced_whole_or_not_at_all(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    ck.write_text_atomic(path, "one\n")
+    ck.write_text_atomic(path, "two\n")
+    assert open(path).read() == "two\n"
+    with pytest.raises(TypeError):
+        ck.write_text_atomic(path, None)  # fails inside the write: the old file stays, no temp file is left
+    assert open(path).read() == "two\n" and os.listdir(tmp_path) == ["metrics.jsonl"]

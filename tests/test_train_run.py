@@ -554,3 +554,22 @@ def test_logged_speed_leaves_out_checkpoints_and_sample_grids(tmp_path, monkeypa
     # out, it holds one step of this model (a few ms; the bound allows 666 ms on a loaded machine).
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert all(r["steps_per_s"] > 1.5 and r["images_per_s"] == r["steps_per_s"] * 16 for r in rows), rows
+
+
+def test_resumed_latent_run_keeps_its_scaling(tmp_path):
+    # The scaling comes from the checkpoint on resume, not from the data measured again: a latent file
+    # (or shard folder) that changed since would otherwise rescale the model's inputs mid-run.
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((64, 2, 4, 4)).astype(np.float32) * [[[3.0]], [[0.5]]] + 2
+    data = tmp_path / "lat.npz"
+    np.savez(data, latents=x.astype(np.float32), labels=np.arange(64) % 4)
+    over = ["data.name=latents", f"data.data_path={data}", "data.num_classes=4", "data.image_size=4",
+            "data.latent_norm=true", "data.latent_multiplier=0.5", "train.ckpt_every=1", "train.keep_last=5"]
+    train(load_config(tiny_config(tmp_path), over + ["train.max_steps=1"]))
+    first = ck.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "0000001.pt"))["latent_stats"]
+    np.savez(data, latents=(x * 10 - 3).astype(np.float32), labels=np.arange(64) % 4)  # other statistics
+    train(load_config(tiny_config(tmp_path), over + ["train.max_steps=2"]), resume="")
+    second = ck.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "0000002.pt"))["latent_stats"]
+    assert torch.equal(second["mean"], first["mean"]) and torch.equal(second["std"], first["std"])
+    assert np.allclose(first["mean"].numpy(), x.mean((0, 2, 3)), atol=1e-5)

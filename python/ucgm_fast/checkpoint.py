@@ -66,6 +66,22 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes a text file as :func:`save_checkpoint` writes a checkpoint: temp file, fsync, rename."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def save_checkpoint(payload: Dict[str, Any], path: str) -> str:
     """Writes payload to path atomically: readers see the old file or the complete new one, never a part.
 

@@ -351,6 +351,9 @@ def validate_config(cfg: Dict[str, Any]) -> None:
         raise ConfigError("config key 'train.max_minutes' must be > 0 or null")
     if cfg["train"]["sample_every"] < 0:
         raise ConfigError("config key 'train.sample_every' must be >= 0")
+    if cfg["train"]["init_from"] and cfg["train"]["ckpt"]:
+        raise ConfigError(f"config keys 'train.init_from' ({cfg['train']['init_from']!r}) and 'train.ckpt' "
+                          f"({cfg['train']['ckpt']!r}) both name a checkpoint to start from; set one of them")
     if cfg["train"]["grid_size"] > 256:  # sampled as one batch of the model at the end and every sample_every
         raise ConfigError(f"config key 'train.grid_size' must be at most 256, got {cfg['train']['grid_size']!r}")
     if cfg["data"]["num_workers"] < 0:

@@ -74,12 +74,14 @@ def check_model_config(found: Dict[str, Any], wanted: Dict[str, Any], path: str)
         raise ConfigError(f"checkpoint {path!r} was trained with another model config ({details})")
 
 
-def build_dataset(cfg: Dict[str, Any], split: str = "train"):
+def build_dataset(cfg: Dict[str, Any], split: str = "train", stats: Optional[Dict[str, Any]] = None):
     """The :class:`ucgm_fast.data.ImageDataset` of ``data.*``, split 'train' or 'test' (held out).
 
     Latents get the published scaling: standardised per channel with their statistics when
     ``data.latent_norm``, then multiplied by ``data.latent_multiplier``. A latent file is all
-    training data (as published): it has no held-out split.
+    training data (as published): it has no held-out split. ``stats``: a resumed checkpoint's
+    ``latent_stats``, whose per-channel mean and std are used instead of being measured again, so the
+    run keeps its scaling (and no rank reads 10000 latents to find it).
     """
     from . import data as data_mod
 
@@ -106,16 +108,19 @@ def build_dataset(cfg: Dict[str, Any], split: str = "train"):
     if name == "latents":
         multiplier, channels = float(d["latent_multiplier"]), dataset.item_shape[0]
         mean, std = torch.zeros(channels), torch.ones(channels)
+        known = None  # the resumed run's (mean, std): copies, not views of the mapped checkpoint
+        if d["latent_norm"] and stats is not None and stats["mean"].numel() == channels:
+            known = stats["mean"].float().clone().reshape(-1), stats["std"].float().clone().reshape(-1)
         if not isinstance(getattr(dataset, "images", None), torch.Tensor):  # shards on disk: scaled as read
             if d["latent_norm"]:
-                mean, std = dataset.channel_stats()
+                mean, std = known or dataset.channel_stats()
                 std = std.clamp_min(1e-8)
             dataset.set_scaling(mean, std, multiplier)
         else:  # in place: a latent file can be most of the host's memory
             images = dataset.images
             if d["latent_norm"]:
-                mean = images.mean(dim=(0, 2, 3))
-                std = images.std(dim=(0, 2, 3)).clamp_min(1e-8)
+                mean, std = known or (images.mean(dim=(0, 2, 3)), images.std(dim=(0, 2, 3)))
+                std = std.clamp_min(1e-8)
                 images.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
             if multiplier != 1.0:
                 images.mul_(multiplier)
@@ -271,8 +276,7 @@ class _Log:
                             keep.append(line if line.endswith("\n") else line + "\n")
                     except json.JSONDecodeError:
                         break
-            with open(self.path, "w", encoding="utf-8") as f:
-                f.writelines(keep)
+            ckpt_io.write_text_atomic(self.path, "".join(keep))  # a crash here must not lose the history
         elif active and resume_step is None and os.path.isfile(self.path):
             os.remove(self.path)
 
@@ -448,7 +452,7 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
     # Seeds first: model init, then the objective's draws, follow from them on every rank.
     torch.manual_seed(tcfg["global_seed"] * world + rank)
 
-    dataset = build_dataset(cfg, "train")
+    dataset = build_dataset(cfg, "train", stats=payload.get("latent_stats") if payload is not None else None)
     in_chans = cfg["model"]["in_chans"] or dataset.item_shape[0]
     mcfg = model_config(cfg, in_chans)
     model = build_model(mcfg).to(device)
@@ -536,8 +540,7 @@ def train(cfg: Dict[str, Any], resume: Optional[str] = None, _loaded=None) -> Di
 
     if main_proc:
         os.makedirs(ckdir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(dump_config(cfg))
+        ckpt_io.write_text_atomic(os.path.join(out_dir, "config.yaml"), dump_config(cfg))
     log = _Log(out_dir, main_proc, step if resumed else None)
     nparams = sum(p.numel() for p in model.parameters())
     log.info(f"{mcfg['type']} {nparams / 1e6:.2f}M params, {len(dataset)} items, global batch "
