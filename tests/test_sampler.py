@@ -173,6 +173,36 @@ def test_classifier_free_guidance(interval):
     assert rel_err(out, plain) > 1e-3
 
 
+def test_guidance_of_the_first_channels_only_as_the_published_networks():
+    # The published LightningDiT's forward_with_cfg guides model_out[:, :3]; the rest keeps the
+    # conditional output. cfg_channels=k does the same; None (the default) guides every channel.
+    model = GaussianDenoiser("Linear")
+    y = torch.tensor([1, 4, 7])
+    noise = noise_like()
+    k = 1  # of SHAPE's 4 channels: one guided, three not
+
+    def published_cfg(x, t, y):
+        cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, model.num_classes))
+        w = 1.35 if 0.0 <= float(t[0]) <= 0.75 else 1.0
+        return torch.cat([(uncond + w * (cond - uncond))[:, :k], cond[:, k:]], dim=1)
+
+    out = ucgm_fast.sample(model, noise, "Linear", 5, 1, 0.0, cfg_scale=1.35, y=y, state_dtype=torch.float64,
+                           cfg_channels=k)
+    ref = reference.sample(published_cfg, noise, "Linear", 5, 1, 0.0, rfba_gap_steps=(0.001, 0.3), y=y)
+    assert rel_err(out, ref) < 1e-9
+    every = ucgm_fast.sample(model, noise, "Linear", 5, 1, 0.0, cfg_scale=1.35, y=y, state_dtype=torch.float64)
+    assert rel_err(out, every) > 1e-3
+    # k at or past the channel count guides every channel, as None does
+    wide = ucgm_fast.sample(model, noise, "Linear", 5, 1, 0.0, cfg_scale=1.35, y=y, state_dtype=torch.float64,
+                            cfg_channels=SHAPE[1])
+    assert torch.equal(wide, every)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="cfg_channels must be None"):
+            ucgm_fast.sample(model, noise, cfg_scale=1.35, y=y, cfg_channels=bad)
+        with pytest.raises(ValueError, match="cfg_channels must be None"):
+            ucgm_fast.sampler.check_settings(cfg_channels=bad)
+
+
 def test_memory_does_not_grow_with_steps():
     """Without return_trajectory no step's tensors outlive the next steps."""
     alive = []

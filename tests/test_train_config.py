@@ -444,3 +444,11 @@ def test_text_files_are_replaced_whole_or_not_at_all(tmp_path):
     with pytest.raises(TypeError):
         ck.write_text_atomic(path, None)  # fails inside the write: the old file stays, no temp file is left
     assert open(path).read() == "two\n" and os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+def test_cfg_channels_reaches_the_sampler_settings():
+    from ucgm_fast.config import sampler_settings
+    assert sampler_settings(load_config(None, ["sample.cfg_channels=3"]))["cfg_channels"] == 3
+    assert sampler_settings(load_config(None, []))["cfg_channels"] is None
+    with pytest.raises(ConfigError, match=r"'sample\.cfg_channels'"):
+        load_config(None, ["sample.cfg_channels=0"])

@@ -122,6 +122,7 @@ DEFAULTS: Dict[str, Any] = {
         "type": "UNI",
         "cfg_scale": 0.0,
         "cfg_interval": [0.0, 0.75],
+        "cfg_channels": None,        # guide only the first N channels (the published networks: 3); null: all
         "sampling_steps": 30,
         "stochast_ratio": 0.0,       # float or "Auto"
         "extrapol_ratio": 0.0,
@@ -159,7 +160,7 @@ _POSITIVE_INTS = ("train.max_steps", "train.global_batch_size", "train.log_every
 _OPTIONAL = {"exp_name": str, "data.data_path": str, "data.fid_reference_file": str, "vae.type": str,
              "model.in_chans": "int+", "train.ckpt": str, "train.init_from": str, "train.max_minutes": float,
              "train.threads": "int+", "optimizer.max_grad_norm": float, "sample.ckpt": str,
-             "eval.classifier_epochs": "int+", "eval.cache_dir": str}
+             "eval.classifier_epochs": "int+", "eval.cache_dir": str, "sample.cfg_channels": "int+"}
 
 
 def merge_config(base: Dict[str, Any], update: Dict[str, Any], schema: Optional[Dict[str, Any]] = None,
@@ -385,7 +386,7 @@ def sampler_settings(cfg: Dict[str, Any], steps: Optional[int] = None, **overrid
     return dict(transport=cfg["transport"]["type"], steps=int(steps or s["sampling_steps"]),
                 order=s["sampling_order"], stochast_ratio=s["stochast_ratio"], extrapol_ratio=s["extrapol_ratio"],
                 time_dist_ctrl=s["time_dist_ctrl"], rfba_gap_steps=s["rfba_gap_steps"], cfg_scale=s["cfg_scale"],
-                cfg_interval=s["cfg_interval"])
+                cfg_interval=s["cfg_interval"], cfg_channels=s["cfg_channels"])
 
 
 def check_sampler_settings(cfg: Dict[str, Any], steps: Optional[int] = None, **overrides) -> None:

@@ -135,7 +135,7 @@ class _Plan:
 
     def __init__(self, model, noise, transport, steps, order, stochast_ratio, extrapol_ratio, time_dist_ctrl,
                  rfba_gap_steps, cfg_scale, cfg_interval, seed, state_dtype, return_trajectory, cuda_graph, y,
-                 cache_tables=True):
+                 cache_tables=True, cfg_channels=None):
         op = "sample"
         if not callable(model):
             raise TypeError(f"{op}: model must be callable as model(x, t, y), got {type(model).__name__}")
@@ -175,6 +175,14 @@ class _Plan:
             raise ValueError(f"{op}: cfg_interval must be (lo, hi) with lo <= hi, got {(lo, hi)}")
         if state_dtype not in fused.STATE_DTYPES:
             raise TypeError(f"{op}: state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
+        if cfg_channels is not None and (isinstance(cfg_channels, bool) or not isinstance(cfg_channels, numbers.Integral)
+                                         or cfg_channels < 1):
+            raise ValueError(f"{op}: cfg_channels must be None (every channel) or an int >= 1, got {cfg_channels!r}")
+        if cfg_channels is not None and noise.dim() < 2:
+            raise ValueError(f"{op}: cfg_channels needs noise with a channel dimension (B, C, ...), got shape "
+                             f"{tuple(noise.shape)}")
+        # Guided channels: all, or the first cfg_channels when that leaves some out.
+        self.cfg_channels = int(cfg_channels) if cfg_channels is not None and cfg_channels < noise.shape[1] else None
         if seed is None:
             # A fresh key per call, from torch's default CPU generator: independent noise for every
             # batch, reproducible under torch.manual_seed. Drawn on the host: no device sync, and a
@@ -231,7 +239,8 @@ class _Plan:
         # (which changes them) is part of what it was captured for.
         amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
         return (_model_identity(self.model), tuple(noise.shape), noise.dtype, dev, self.state_dtype, self.iters,
-                self.order, self.tr.id, self.e > 0, self.cfg, None if y is None else (y.dtype, tuple(y.shape)),
+                self.order, self.tr.id, self.e > 0, self.cfg, self.cfg_channels,
+                None if y is None else (y.dtype, tuple(y.shape)),
                 self.trajectory, amp)
 
 
@@ -281,7 +290,7 @@ class _Probe:
 
 def check_settings(transport="Linear", steps: int = 2, order: int = 1, stochast_ratio=1.0,
                    extrapol_ratio: float = 0.0, time_dist_ctrl=(1.0, 1.0, 1.0), rfba_gap_steps=(0.001, 0.3),
-                   cfg_scale: float = 0.0, cfg_interval=(0.0, 0.75)) -> None:
+                   cfg_scale: float = 0.0, cfg_interval=(0.0, 0.75), cfg_channels=None) -> None:
     """Raises the ValueError / TypeError :func:`sample` would raise for these settings, without a model.
 
     For configs and command lines, checked before hours of training end in a failed sample grid. The
@@ -290,7 +299,7 @@ def check_settings(transport="Linear", steps: int = 2, order: int = 1, stochast_
     """
     _Plan(_Probe(), torch.zeros(1, 1), transport, steps, order, stochast_ratio, extrapol_ratio, time_dist_ctrl,
           rfba_gap_steps, cfg_scale, cfg_interval, 0, torch.float32, False, False,
-          torch.zeros(1, dtype=torch.long), cache_tables=False)
+          torch.zeros(1, dtype=torch.long), cache_tables=False, cfg_channels=cfg_channels)
 
 
 def _run(plan: _Plan, noise: torch.Tensor, sched: torch.Tensor, t_model: torch.Tensor, weight: torch.Tensor,
@@ -323,7 +332,11 @@ def _run(plan: _Plan, noise: torch.Tensor, sched: torch.Tensor, t_model: torch.T
                              f"{xin.device}; it must return a floating tensor on the input's device")
         if plan.cfg:
             cond, uncond = out.chunk(2)
-            out = uncond + weight[i].to(out.dtype) * (cond - uncond)
+            guided = uncond + weight[i].to(out.dtype) * (cond - uncond)
+            k = plan.cfg_channels
+            # As the published networks' forward_with_cfg (a DiT quirk): channels past k keep the
+            # conditional output.
+            out = guided if k is None else torch.cat([guided[:, :k], cond[:, k:]], dim=1)
         return out
 
     def step(F, x, xp, zp, i, mode, hats):
@@ -424,7 +437,8 @@ class _Captured:
 @torch.no_grad()
 def sample(model, noise, transport="Linear", steps=2, order=1, stochast_ratio=1.0, extrapol_ratio=0.0,
            time_dist_ctrl=(1.0, 1.0, 1.0), rfba_gap_steps=(0.001, 0.3), cfg_scale=0.0, cfg_interval=(0.0, 0.75),
-           seed=None, state_dtype=torch.float32, return_trajectory=False, cuda_graph=False, y=None):
+           seed=None, state_dtype=torch.float32, return_trajectory=False, cuda_graph=False, y=None,
+           cfg_channels=None):
     """x = x_hat of the last step of the UCGM sampler started from ``noise``.
 
     Each step: (x_hat, z_hat) = decode(model(x, t, y)) at t; from step index 2 on,
@@ -467,6 +481,11 @@ def sample(model, noise, transport="Linear", steps=2, order=1, stochast_ratio=1.
     cfg_interval : (lo, hi)
         Tested on the t the model is given (float32 for float32 noise), both ends inclusive, as the
         published ``forward_with_cfg`` does: t = float32(0.1) is inside (0.1, 0.9).
+    cfg_channels : int, optional
+        Guide only the first cfg_channels channels (dim 1); the others keep the conditional output.
+        None (the default) guides every channel, the standard method. The published UCGM networks
+        (LightningDiT's ``forward_with_cfg``, after DiT's) guide the first 3: reproducing their
+        guided results takes ``cfg_channels=3``.
     seed : int, Tensor or None
         Keys the in-kernel noise with the step index: same seed, same samples, on CPU and CUDA (an int,
         or a one-element int64 tensor, which may live on the device). None (the default) draws one
@@ -498,7 +517,8 @@ def sample(model, noise, transport="Linear", steps=2, order=1, stochast_ratio=1.
         The sample in ``state_dtype`` (and the trajectory).
     """
     plan = _Plan(model, noise, transport, steps, order, stochast_ratio, extrapol_ratio, time_dist_ctrl,
-                 rfba_gap_steps, cfg_scale, cfg_interval, seed, state_dtype, return_trajectory, cuda_graph, y)
+                 rfba_gap_steps, cfg_scale, cfg_interval, seed, state_dtype, return_trajectory, cuda_graph, y,
+                 cfg_channels=cfg_channels)
     if not cuda_graph:
         return _run(plan, plan.noise, plan.sched, plan.t_model, plan.weight, plan.seed, plan.y)
     with torch.cuda.device(plan.noise.device):  # capture and replay on the noise's device (cuda:1 too)
