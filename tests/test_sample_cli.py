@@ -68,3 +68,11 @@ def test_sampling_time_waits_for_the_device(monkeypatch):
     events.clear()
     sample_cli.elapsed_since(0.0, torch.device("cpu"))
     assert events == ["clock"]
+
+
+def test_guidance_flags_reach_the_sampler():
+    from ucgm_fast.sample_cli import _parser, sampler_overrides
+
+    args = _parser().parse_args(["--ckpt", "x.pt", "--cfg-scale", "1.5", "--cfg-interval", "0.1", "0.8",
+                                 "--cfg-channels", "3"])
+    assert sampler_overrides(args) == {"cfg_scale": 1.5, "cfg_interval": [0.1, 0.8], "cfg_channels": 3}

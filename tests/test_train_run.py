@@ -253,7 +253,8 @@ def test_sampler_flags_are_checked_before_sampling(trained_checkpoint, tmp_path,
     common = ["--ckpt", trained_checkpoint, "--steps", "2", "--num", "4", "--device", "cpu"]
     assert sample_main(common + ["--out", str(tmp_path / "g.png"), "--stochast-ratio", "auto"]) == 0
     for flags, message in ((["--stochast-ratio", "1.5"], "stochast_ratio"), (["--stochast-ratio", "x"], "auto"),
-                           (["--cfg-scale", "-1"], "cfg_scale"), (["--time-dist-ctrl", "0", "1", "1"], "time_dist")):
+                           (["--cfg-scale", "-1"], "cfg_scale"), (["--time-dist-ctrl", "0", "1", "1"], "time_dist"),
+                           (["--cfg-interval", "0.9", "0.1"], "cfg_interval"), (["--cfg-channels", "0"], "cfg_channels")):
         capsys.readouterr()
         assert sample_main(common + ["--out", str(tmp_path / "g.png"), *flags]) == 2, flags
         assert message in capsys.readouterr().err

@@ -49,6 +49,10 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-dist-ctrl", type=float, nargs=3, default=None, metavar=("A", "B", "C"))
     p.add_argument("--rfba-gap-steps", type=float, nargs=2, default=None, metavar=("G0", "G1"))
     p.add_argument("--cfg-scale", type=float, default=None)
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="times where guidance applies (inclusive)")
+    p.add_argument("--cfg-channels", type=int, default=None,
+                   help="guide only the first N channels (the published networks: 3; default: all)")
 
 
 def sampler_overrides(args) -> dict:
@@ -73,6 +77,10 @@ def sampler_overrides(args) -> dict:
         out["rfba_gap_steps"] = list(args.rfba_gap_steps)
     if args.cfg_scale is not None:
         out["cfg_scale"] = args.cfg_scale
+    if args.cfg_interval is not None:
+        out["cfg_interval"] = list(args.cfg_interval)
+    if args.cfg_channels is not None:
+        out["cfg_channels"] = args.cfg_channels
     return out
 
 
