@@ -66,37 +66,15 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes a text file as :func:`save_checkpoint` writes a checkpoint: temp file, fsync, rename."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def save_checkpoint(payload: Dict[str, Any], path: str) -> str:
-    """Writes payload to path atomically: readers see the old file or the complete new one, never a part.
-
-    The data goes to ``path.tmp-<pid>`` in the same directory, gets its SHA-256 trailer, is fsynced,
-    then renamed over ``path``; the directory is fsynced so the rename survives a power cut.
-    """
+def _replace_atomically(path: str, mode: str, write) -> None:
+    """write(f) into ``path.tmp-<pid>`` opened with ``mode``, fsync, rename over ``path``, fsync the folder:
+    readers see the old file or the complete new one, never a part, and the rename survives a power cut."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            digest = _hash_file(f.name, f.tell())
-            f.write(_MAGIC + digest)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -105,6 +83,25 @@ def save_checkpoint(payload: Dict[str, Any], path: str) -> str:
             os.remove(tmp)
         raise
     _fsync_dir(directory)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes a text file as :func:`save_checkpoint` writes a checkpoint: temp file, fsync, rename."""
+    _replace_atomically(path, "w", lambda f: f.write(text))
+
+
+def save_checkpoint(payload: Dict[str, Any], path: str) -> str:
+    """Writes payload to path atomically: readers see the old file or the complete new one, never a part.
+
+    The data goes to ``path.tmp-<pid>`` in the same directory and gets its SHA-256 trailer; then
+    :func:`_replace_atomically` fsyncs it and renames it over ``path``.
+    """
+    def write(f):
+        torch.save(payload, f)
+        f.flush()
+        f.write(_MAGIC + _hash_file(f.name, f.tell()))
+
+    _replace_atomically(path, "wb", write)
     return path
 
 
