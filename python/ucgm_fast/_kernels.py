@@ -85,6 +85,12 @@ def fresh_outputs(outs, *inputs):
     return fresh(outs) if isinstance(outs, torch.Tensor) else tuple(fresh(o) for o in outs)
 
 
+def saveable(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it when it was made under torch.inference_mode, which save_for_backward refuses
+    (the eager reference, which lets autograd save what it needs, accepts such inputs)."""
+    return t.clone() if t.is_inference() else t
+
+
 def _forward_ad_level() -> int:
     # torch.autograd.forward_ad keeps the innermost open dual level here (-1: none).
     return getattr(torch.autograd.forward_ad, "_current_level", -1)

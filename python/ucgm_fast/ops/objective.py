@@ -17,7 +17,8 @@ import numbers
 import torch
 
 from ..reference import objective as reference
-from .._kernels import DTYPE_CODE, Kernel, _C, eager_fast_path, fresh_outputs, needs_reference, plain_eager
+from .._kernels import (DTYPE_CODE, Kernel, _C, eager_fast_path, fresh_outputs, needs_reference, plain_eager,
+                        saveable)
 from .._validate import FLOAT_DTYPES, batch_times, check_data, check_raw, compute_dtype
 from ..transports import TRANSPORTS, get_transport
 
@@ -258,9 +259,7 @@ torch.library.impl(f"{_NS}::ucgm_loss_backward", ("CPU", "CUDA"), _loss_backward
 
 def _loss_setup_context(ctx, inputs, output):
     F, target, t, huber_eps, cosine, time_weighting = inputs
-    # Tensors made under torch.inference_mode cannot be saved for backward (the reference, which
-    # saves what autograd needs itself, accepts them): such inputs are saved as copies.
-    F, target, t = (v.clone() if v.is_inference() else v for v in (F, target, t))
+    F, target, t = (saveable(v) for v in (F, target, t))
     ctx.save_for_backward(F, target, t, output[1])
     ctx.huber_eps, ctx.cosine, ctx.time_weighting = huber_eps, cosine, time_weighting
     ctx.mark_non_differentiable(output[1])

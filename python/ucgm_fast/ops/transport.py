@@ -12,7 +12,7 @@ import numbers
 import torch
 
 from ..reference import transport as reference
-from .._kernels import DTYPE_CODE, Kernel, eager_fast_path, fresh_outputs, needs_reference, plain_eager
+from .._kernels import DTYPE_CODE, Kernel, eager_fast_path, fresh_outputs, needs_reference, plain_eager, saveable
 from .._validate import FLOAT_DTYPES, batch_times, check_data, check_raw
 from ..transports import TRANSPORTS, get_transport
 
@@ -92,13 +92,8 @@ def _mix_backward(mode: int, g1, g2, t, transport: int):
     return getattr(torch.ops.ucgm_fast, _OP_NAME[adjoint])(g1, g2, t, transport)
 
 
-def _saved_t(t: torch.Tensor) -> torch.Tensor:
-    # A t made under torch.inference_mode cannot be saved for backward: its B numbers are copied.
-    return t.clone() if t.is_inference() else t
-
-
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(_saved_t(inputs[2]))
+    ctx.save_for_backward(saveable(inputs[2]))
     ctx.transport = inputs[3]
 
 
@@ -118,7 +113,7 @@ class _EagerMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, v, t, transport, mode):
-        ctx.save_for_backward(_saved_t(t))
+        ctx.save_for_backward(saveable(t))
         ctx.transport, ctx.mode = transport, mode
         return _mix(u, v, t, transport, mode)
 
