@@ -55,11 +55,16 @@ def _pair(op, name, v, n):
     return tuple(_real(op, name, x) for x in v)
 
 
+def _owner(model):
+    """The object a bound method (model.forward, ema.forward_with_cfg) belongs to; any other model itself."""
+    return model.__self__ if isinstance(model, types.MethodType) else model
+
+
 def _num_classes(model) -> Optional[int]:
     # As published: the attribute of the innermost module (DDP wrappers expose .module; a compiled
     # module forwards attribute reads to its original). A bound method (model.forward_with_cfg, as the
     # published eval passes) reads its module's: attribute reads on a method go to its function.
-    m = model.__self__ if isinstance(model, types.MethodType) else model
+    m = _owner(model)
     while hasattr(m, "module"):
         m = m.module
     return getattr(m, "num_classes", None)
@@ -264,7 +269,7 @@ def _tensor_slots(model) -> list:
     has 437 modules). A tensor replaced in its slot (load_state_dict(assign=True)) or re-allocated
     (model.half(), .to()) then shows as another address; a submodule replaced later is not seen.
     """
-    owner = model.__self__ if isinstance(model, types.MethodType) else model
+    owner = _owner(model)
     if not isinstance(owner, torch.nn.Module):
         return []
     return [(d, name) for m in owner.modules() for d in (m._parameters, m._buffers)
