@@ -438,7 +438,7 @@ def test_result_file_names_from_gpu_names(name, expected):
 def test_cuda_event_timing_with_l2_flush():
     device = torch.device("cuda")
     flusher = timing.L2Flusher(device)
-    assert flusher.buffer.numel() * 4 > flusher.l2_bytes
+    assert flusher.buffer.numel() * 4 > flusher.cache_bytes
     x = torch.rand(1 << 20, device=device) + 0.5
     t, out = timing.time_call(torch.sqrt, (x,), device, timing.QUICK_CUDA, flusher, flush=True)
     assert torch.allclose(out, x.sqrt()) and t.l2_flushed and t.inner == 1

@@ -85,7 +85,6 @@ class L2Flusher(CacheFlusher):
     def __init__(self, device: torch.device):
         props = torch.cuda.get_device_properties(device)
         super().__init__(int(getattr(props, "L2_cache_size", 0)) or 64 * 2**20, device)
-        self.l2_bytes = self.cache_bytes
 
 
 DEFAULT_LLC_BYTES = 32 * 2**20  # where the machine does not say: a large desktop / small server L3
