@@ -137,7 +137,8 @@ under the table) on how to read them: what their oracle is, bytes a peer does no
 err is max|fused - ref| / max|ref| against the reference evaluated in float64 on the same inputs
 (or as the row's note says); every row is checked (FAIL marks a row over the bound of
 tests/conftest.py, or over 2x the eager reference's own error in the same dtype where that is
-larger).
+larger, up to 100x the bound: an eager error beyond that means the oracle is wrong, and the row
+fails).
 """
 
 
