@@ -352,6 +352,28 @@ def test_from_config():
         ucgm_fast.UCGM.from_config({"transport": {"type": "Linear"}, "consistency_ratio": 0.5})
 
 
+def test_model_calls_share_one_time_copy_and_labels():
+    # A model that leaves its inputs alone gets one copy of t for its calls at t, and the batched
+    # finite-difference pass gets the step's labels twice: the caller's t and y stay untouched.
+    seen = []
+
+    class Recording(TinyModel):
+        def forward(self, x, t, y):
+            seen.append((t.data_ptr(), y.clone()))
+            return super().forward(x, t, y)
+
+    x, z, y, t = BATCH
+    t_in, y_in = t.clone(), y.clone()
+    ucgm = ucgm_fast.UCGM(consistency_ratio=1.0, enhanced_ratio=1.5, label_drop_ratio=0.25, target_ema_decay=0.5)
+    ucgm.loss(Recording().double(), x, y_in, t=t_in, z=z)
+    (p_t, y_t), (p_w, y_w), (_, y_2) = seen  # online at t, target network at t, both difference passes
+    B, nd = y.shape[0], ucgm.num_dropped(y.shape[0])
+    dropped = torch.cat([y[:B - nd], torch.full((nd,), 5)])
+    assert p_t == p_w != t_in.data_ptr()
+    assert torch.equal(y_t, dropped) and torch.equal(y_w, dropped) and torch.equal(y_2, torch.cat([dropped, dropped]))
+    assert torch.equal(t_in, t) and torch.equal(y_in, y)
+
+
 def test_model_calls_get_their_own_times():
     # A model that rescales its time input in place must not change the loss's own t (nor the caller's).
     class InPlace(TinyModel):

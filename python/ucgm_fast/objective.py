@@ -56,6 +56,15 @@ def _unwrap_ddp(model):
     return model
 
 
+def _unchanged(t_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """t_in for the next model call if the last one left it as it was (its version counter counts
+    in-place writes), else a fresh copy of t: one copy per step for models that don't write their time input.
+    torch.compile, which cannot read the counter, always copies (a copy it can fuse or drop)."""
+    if torch.compiler.is_compiling() or t_in._version != 0:
+        return t.clone()
+    return t_in
+
+
 def _unwrap_all(model):
     """The plain module: DDP / DataParallel and torch.compile wrappers removed."""
     while True:
@@ -400,39 +409,49 @@ class UCGM:
             raise ValueError(f"{op}: cosine_loss needs data with a channel dimension (B, C, ...), got shape "
                              f"{tuple(x.shape)}")
         null = self._null_class(model) if (ndrop > 0 or (lam == 0.0 and e != 0.0)) else None
+        # The labels of the batched finite-difference passes (y twice) are made first, when they are
+        # needed, and y is their first half: one copy and one fill per step instead of two each.
+        y2 = torch.cat([y, y]) if lam == 1.0 and self.batch_fd_passes else None
         if ndrop:
-            y = y.clone()
-            y.narrow(0, B - ndrop, ndrop).fill_(null)  # a host-known bound: no mask, no sync
+            if y2 is None:
+                y = y.clone()
+                y.narrow(0, B - ndrop, ndrop).fill_(null)  # a host-known bound: no mask, no sync
+            else:
+                y2.view(2, B).narrow(1, B - ndrop, ndrop).fill_(null)
+        if y2 is not None:
+            y = y2[:B]
 
         # Everything is checked above and each model output as it comes: the ops' private runners
         # skip the public functions' checks (host time that matters at training sizes).
         lo, hi = self.enhanced_range
         x_t, target = _interpolate(x, z, t, tr)
-        # Each model call gets its own copy of t (B numbers): t is read again below, and a model may
-        # scale its time input in place. The training target is a constant in every regime.
-        F_t = model(x_t, t.clone(), y)
+        # Model calls get a copy of t (B numbers): t is read again below, and a model may scale its
+        # time input in place. The training target is a constant in every regime.
+        t_in = t.clone()
+        F_t = model(x_t, t_in, y)
+        t_in = _unchanged(t_in, t)
         target = target.detach()
         self._check_output(F_t, x)
         F_d = F_t.detach()
         if lam == 0.0:
             if e != 0.0:
                 with torch.no_grad():
-                    F_wo = self.target_network(model)(x_t, t.clone(), torch.full_like(y, null))
+                    F_wo = self.target_network(model)(x_t, t_in, torch.full_like(y, null))
                     self._check_output(F_wo, x, "target network", like=F_d)
                     target = _enhance(x, z, F_d, F_wo, t, tr, e, lo, hi, ndrop, True)
         else:
             with torch.no_grad():
                 if e != 0.0:
                     # D = 0: the target network is the online model at the same input, i.e. F_t itself.
-                    F_w = F_d if not self.uses_target_copy else self.target_network(model)(x_t, t.clone(), y)
+                    F_w = F_d if not self.uses_target_copy else self.target_network(model)(x_t, t_in, y)
                     self._check_output(F_w, x, "target network")
                     x_tar, z_tar = _enhance(x, z, F_w, None, t, tr, e, lo, hi, ndrop, False)
                 else:
                     x_tar, z_tar = x, z
                 inputs, r = _fd_inputs(x_tar, z_tar, t, tr, lam, self.fd_eps)
                 online = _unwrap_ddp(model)
-                if lam == 1.0 and self.batch_fd_passes:
-                    F_2 = online(inputs, r, torch.cat([y, y]))
+                if y2 is not None:
+                    F_2 = online(inputs, r, y2)
                     self._check_output(F_2, inputs, like=F_d)
                     F_a, F_b = F_2[:B], F_2[B:]
                 else:

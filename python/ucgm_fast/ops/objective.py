@@ -72,8 +72,8 @@ def _enhance_kernel(x, z, F_w, F_wo, t, ndrop, ratio, lo, hi, transport, emit_ta
     F_wo = None if F_wo is None else _contig(F_wo)
     t = _times(t, x)
     if emit_target:
-        out1 = torch.empty(x.shape, dtype=compute_dtype(x.dtype), device=x.device)
-        out2 = torch.empty((0,), dtype=x.dtype, device=x.device)
+        out1 = torch.empty_like(x, dtype=compute_dtype(x.dtype), memory_format=torch.contiguous_format)
+        out2 = x.new_empty((0,))
     else:
         out1 = torch.empty_like(x, memory_format=torch.contiguous_format)
         out2 = torch.empty_like(z, memory_format=torch.contiguous_format)
@@ -119,7 +119,7 @@ def _fd_inputs_kernel(x, z, t, lam, eps, transport):
         return fresh_outputs(reference.fd_inputs_op(x, z, t, lam, eps, TRANSPORTS[transport]), x, z, t)
     x, z, t = _contig(x), _contig(z), _times(t, x)
     k = _passes(lam)
-    out = torch.empty((k * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    out = x.new_empty((k * x.shape[0], *x.shape[1:]))
     r = torch.empty((k * x.shape[0],), dtype=compute_dtype(x.dtype), device=x.device)
     if x.numel():
         _FD_INPUTS(x, DTYPE_CODE[x.dtype], x.data_ptr(), z.data_ptr(), t.data_ptr(), t.stride(0), out.data_ptr(),
@@ -154,7 +154,7 @@ def _fd_target_kernel(F_t, F_a, F_b, x, z, t, lam, eps, transport):
                              F_t, F_a, F_b, x, z)
     F_t, F_a, F_b, x, z = (_contig(v) for v in (F_t, F_a, F_b, x, z))
     t = _times(t, x)
-    out = torch.empty(x.shape, dtype=compute_dtype(x.dtype), device=x.device)
+    out = torch.empty_like(x, dtype=compute_dtype(x.dtype), memory_format=torch.contiguous_format)
     if x.numel():
         _FD_TARGET(x, DTYPE_CODE[x.dtype], DTYPE_CODE[F_t.dtype], F_t.data_ptr(), F_a.data_ptr(), F_b.data_ptr(),
                    x.data_ptr(), z.data_ptr(), t.data_ptr(), t.stride(0), out.data_ptr(), x.shape[0], _row_size(x),
@@ -266,6 +266,8 @@ def _loss_setup_context(ctx, inputs, output):
 
 
 def _loss_backward(ctx, grad, _grad_root):
+    if grad is None:  # _EagerLoss does not materialize the zero gradient of an unused loss
+        return None, None, None, None, None, None
     F, target, t, root = ctx.saved_tensors
     if torch.is_grad_enabled():
         # create_graph: the gradient must be differentiable again; the fused kernel's is not, so
@@ -299,6 +301,9 @@ class _EagerLoss(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _loss_kernel(*inputs)
         _loss_setup_context(ctx, inputs, output)
+        # The (B,) root output is not differentiable: without this, every backward would first
+        # allocate and zero a gradient for it (an allocation and a fill launch per step).
+        ctx.set_materialize_grads(False)
         return output
 
     backward = staticmethod(_loss_backward)
