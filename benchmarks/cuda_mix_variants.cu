@@ -1,8 +1,10 @@
-// Why do interpolate / decode / coefficients reach 87-91% of copy bandwidth at 64M float32 on an
+// Why did interpolate / decode / coefficients reach 87-91% of copy bandwidth at 64M float32 on an
 // H100 where torch.compile's Triton kernels reach 97-99% (benchmarks/results/nvidia-h100_notes.md)?
 // This standalone program times the shipped kernels (linked from csrc/cuda/transport_ops.cu)
 // against variants that change one thing each, on the same math (csrc/ucgm/transport.h):
-//   stride64  the shipped structure: grid-stride loop, at most 8 blocks per SM, 64-bit indices
+//   stride64 8/SM  the structure of those runs: grid-stride loop, 8 blocks per SM, 64-bit indices
+//   stride64 wave  the same kernel with the grid the shipped ops now use: one full wave (SMs x the
+//                  blocks that fit on an SM at the kernel's register use)
 //   flat64    one 16-byte vector per thread, a grid that covers the tensor once, 64-bit indices
 //   flat32    flat64 with 32-bit indices (a 64-bit division by row_size costs ~70 instructions)
 //   flat32x2  flat32 with two vectors per thread, both loaded before any arithmetic
@@ -13,10 +15,13 @@
 //
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr --fmad=false -arch=sm_90 -DUCGM_WITH_CUDA -Icsrc \
 //        benchmarks/cuda_mix_variants.cu csrc/cuda/transport_ops.cu -o /tmp/mix_variants && /tmp/mix_variants
-// (scripts/gpu_check.sh's `variants` stage does this.) Prediction written before the first run:
-// flat32 closes most of the gap if index arithmetic delays the next loads; flat32x2 helps if too few
-// bytes are in flight; if neither moves and the no-arithmetic kernel also stays near 90%, the gap
-// is the access pattern (4 streams) and only a different store policy (flat32cs) can change it.
+// (scripts/gpu_check.sh's `variants` stage does this.) Predictions written before the first run:
+// - the 8-blocks-per-SM grid is the main gap: these kernels use 34-38 registers (ptxas, sm_90), so
+//   6 blocks of 256 fit on an SM and a grid of 8 per SM runs a second wave a third full; "stride64
+//   wave" (and the shipped op, which now sizes its grid so) should reach the no-arithmetic kernel.
+// - if not: flat32 closes the gap if index arithmetic delays the next loads; flat32x2 helps if too
+//   few bytes are in flight; if nothing moves, the gap is the access pattern (4 streams) and only a
+//   different store policy (flat32cs) can change it.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -264,6 +269,11 @@ int main() {
 
   const int g1 = n / (kBlock * V), g2 = (n + 2 * kBlock * V - 1) / (2 * kBlock * V);
   const int gs = std::min<int64_t>(int64_t(sms) * 8, g1);
+  int resident = 0;  // blocks of mix_stride64 that fit on an SM at once
+  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, mix_stride64, kBlock, 0));
+  const int gw = std::min<int64_t>(int64_t(sms) * resident, g1);
+  std::printf("mix_stride64: %d blocks of %d threads resident per SM: 8/SM grid %d, one-wave grid %d\n", resident,
+              kBlock, gs, gw);
   for (int tr : {int(kLinear), int(kEDM)}) {
     // Shipped op first: its outputs are the reference bits.
     auto shipped = [&] { CHECK(cudaError_t(mix_cuda(kFloat32, x, z, t, 1, r1, r2, rows, row_size, tr, kInterp, nullptr))); };
@@ -280,7 +290,8 @@ int main() {
                  std::memcmp(to_host(o2, n).data(), ref2.data(), bytes) == 0);
     };
     std::vector<std::pair<std::string, std::function<void()>>> variants = {
-        {"stride64 (the shipped structure)", [&] { mix_stride64<<<gs, kBlock>>>(x, z, t, o1, o2, n, row_size, tr); }},
+        {"stride64 8/SM (the old grid)", [&] { mix_stride64<<<gs, kBlock>>>(x, z, t, o1, o2, n, row_size, tr); }},
+        {"stride64 wave (the shipped grid)", [&] { mix_stride64<<<gw, kBlock>>>(x, z, t, o1, o2, n, row_size, tr); }},
         {"flat64", [&] { mix_flat64<<<g1, kBlock>>>(x, z, t, o1, o2, n, row_size, tr); }},
         {"flat32", [&] { mix_flat32<<<g1, kBlock>>>(x, z, t, o1, o2, n, row_size, tr); }},
         {"flat32x2", [&] { mix_flat32x2<<<g2, kBlock>>>(x, z, t, o1, o2, n, row_size, tr); }},
