@@ -565,6 +565,36 @@ def test_cuda_graph_replay_matches_eager():
     assert len(ucgm_fast.sampler._GRAPHS) == 2
 
 
+class SlowDenoiserCuda(GaussianDenoiserCuda):
+    """Spins the GPU ~1 ms per call (captured into a graph too), so a replay is still running when
+    the host has long moved on."""
+
+    def forward(self, x, t, y=None):
+        torch.cuda._sleep(2_000_000)
+        return super().forward(x, t, y)
+
+
+@cuda
+def test_cuda_graph_replays_on_two_streams_take_turns():
+    # One cached graph, replayed from two streams back to back: the second replay must not overwrite
+    # the static inputs and outputs while the first still runs (it would, without waiting for it).
+    ucgm_fast.clear_graph_cache()
+    model = SlowDenoiserCuda("Linear")
+    kw = dict(steps=4, stochast_ratio=0.5)
+    noises = [noise_like(seed=s, dtype=torch.float32).cuda() for s in (1, 2)]
+    eager = [ucgm_fast.sample(model, n, "Linear", seed=s, **kw) for s, n in zip((1, 2), noises)]
+    ucgm_fast.sample(model, noises[0], "Linear", seed=1, cuda_graph=True, **kw)  # captured here
+    torch.cuda.synchronize()
+    out = []
+    for s, n in zip((1, 2), noises):
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            out.append(ucgm_fast.sample(model, n, "Linear", seed=s, cuda_graph=True, **kw))
+    torch.cuda.synchronize()
+    assert len(ucgm_fast.sampler._GRAPHS) == 1
+    assert all(torch.equal(a, b) for a, b in zip(out, eager))
+
+
 @cuda
 def test_cuda_graph_inside_autocast_does_not_keep_cached_casts():
     # Autocast caches the bf16 casts of weights that require grad until its region ends; a graph

@@ -416,6 +416,7 @@ class _Captured:
         # have made lazy ones): see moved().
         self.slots = _tensor_slots(plan.model)
         self.addresses = _addresses(self.slots)
+        self.stream = torch.cuda.current_stream(plan.noise.device)  # where the last replay ran
 
     def moved(self) -> bool:
         """Whether a parameter or buffer of the model is no longer where the graph reads it: a replay
@@ -424,6 +425,12 @@ class _Captured:
         return _addresses(self.slots) != self.addresses
 
     def replay(self, plan: _Plan):
+        stream = torch.cuda.current_stream(plan.noise.device)
+        if stream != self.stream:
+            # The last replay, on another stream, may still read the static inputs or write the
+            # outputs this call overwrites and clones: this stream waits for it.
+            stream.wait_stream(self.stream)
+            self.stream = stream
         self.noise.copy_(plan.noise)
         tables = (plan.sched, plan.t_model, plan.weight)
         if any(a is not b for a, b in zip(tables, self.tables)):  # other settings of the same graph
