@@ -5,6 +5,7 @@ benchmark itself to report, never asserted).
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -484,6 +485,14 @@ def test_profile_objective_reports_both_peers(tmp_path, capsys):
     counts = [int(ln.split("per step: ")[1].split(" aten")[0]) for ln in text.splitlines() if "aten ops" in ln]
     assert len(counts) == 2 and 0 < counts[0] < counts[1]
     assert "Self CPU time total" in text
+    # each step less its own model calls: 3 for UCGM.loss (one batched pair), 4 for the published step
+    own = {ln.split(":")[0].strip(): ln for ln in text.splitlines() if " model calls alone " in ln}
+    assert set(own) == {"fused", "eager"}
+    assert "- 3 model calls" in own["fused"] and "- 4 model calls" in own["eager"]
+    for ln in own.values():
+        total, calls, rest = (float(v) for v in re.findall(r"\d+\.\d+", ln))
+        assert 0 < calls < total and abs(total - calls - rest) < 2e-3
+    assert "x outside the model calls" in text
 
 
 def test_redraw_draws_the_chart_from_the_json(tmp_path):
