@@ -374,6 +374,42 @@ def test_model_calls_share_one_time_copy_and_labels():
     assert torch.equal(t_in, t) and torch.equal(y_in, y)
 
 
+def test_model_that_writes_its_labels_in_place():
+    # Such a model's label edits reach the later calls, as in the published step (every call gets the
+    # same label tensor); and the gradient pass's saved labels are not written by the later calls.
+    class Clamping(TinyModel):
+        def forward(self, x, t, y):
+            y.clamp_(max=3)  # values 4 and 5 (the null label) become 3
+            return super().forward(x, t, y)
+
+    x, z, y, t = BATCH
+    y = y.clone()
+    y[0] = 4
+    torch.manual_seed(0)
+    model = Clamping().double()
+    for e in (0.0, 1.5):
+        kw = dict(transport="Linear", consistency_ratio=1.0, enhanced_ratio=e, label_drop_ratio=0.25)
+        with torch.no_grad():  # the reference's own backward fails here: its later calls write the saved labels
+            want = reference.training_loss(model, x, y, t, z, target_model=model, **kw)
+        ucgm = ucgm_fast.UCGM(**kw, target_ema_decay=0.0)
+        got = ucgm.loss(model, x, y, t=t, z=z)
+        got.backward()
+        assert torch.allclose(got, want, rtol=1e-12), e
+
+
+def test_loss_under_inference_mode():
+    # Inference tensors have no version counter: the model's calls then get copies of their own.
+    x, z, y, t = BATCH
+    for lam, e in ((0.0, 1.5), (1.0, 1.5), (1.0, 0.0)):
+        ucgm = ucgm_fast.UCGM(consistency_ratio=lam, enhanced_ratio=e, label_drop_ratio=0.25, target_ema_decay=0.0)
+        model = TinyModel().double()
+        with torch.no_grad():
+            want = ucgm.loss(model, x, y, t=t, z=z)
+        with torch.inference_mode():
+            got = ucgm.loss(model, x, y, t=t, z=z)
+        assert torch.equal(got, want), (lam, e)
+
+
 def test_model_calls_get_their_own_times():
     # A model that rescales its time input in place must not change the loss's own t (nor the caller's).
     class InPlace(TinyModel):

@@ -53,11 +53,15 @@ inline int grid_size(const void* kernel, int64_t work_items, int block) {
       wave = it->second;
     } else {
       int sms = 0, resident = 0;
-      if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) sms = 132;
-      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, block, 0) != cudaSuccess || resident <= 0)
-        resident = 8;
-      cudaGetLastError();  // a failed query must not surface as the launch's error
-      wave = waves[key] = sms * resident;
+      const bool ok = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
+                      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, block, 0) == cudaSuccess &&
+                      sms > 0 && resident > 0;
+      if (ok) {
+        wave = waves[key] = sms * resident;
+      } else {  // not kept: asked again next launch
+        cudaGetLastError();  // clear the query's error: the launch reports its own
+        wave = (sms > 0 ? sms : 132) * 8;
+      }
     }
   }
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wave, (work_items + block - 1) / block)));

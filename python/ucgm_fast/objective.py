@@ -56,13 +56,12 @@ def _unwrap_ddp(model):
     return model
 
 
-def _unchanged(t_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """t_in for the next model call if the last one left it as it was (its version counter counts
-    in-place writes), else a fresh copy of t: one copy per step for models that don't write their time input.
-    torch.compile, which cannot read the counter, always copies (a copy it can fuse or drop)."""
-    if torch.compiler.is_compiling() or t_in._version != 0:
-        return t.clone()
-    return t_in
+def _version(v: torch.Tensor):
+    """v's version counter (it counts in-place writes), or None where there is none to read: under
+    torch.compile, and for inference tensors. Lets model calls share an input while none writes it."""
+    if torch.compiler.is_compiling() or v.is_inference():
+        return None
+    return v._version
 
 
 def _unwrap_all(model):
@@ -419,7 +418,7 @@ class UCGM:
             else:
                 y2.view(2, B).narrow(1, B - ndrop, ndrop).fill_(null)
         if y2 is not None:
-            y = y2[:B]
+            y, y2_version = y2[:B], _version(y2)
 
         # Everything is checked above and each model output as it comes: the ops' private runners
         # skip the public functions' checks (host time that matters at training sizes).
@@ -428,8 +427,10 @@ class UCGM:
         # Model calls get a copy of t (B numbers): t is read again below, and a model may scale its
         # time input in place. The training target is a constant in every regime.
         t_in = t.clone()
+        t_version = _version(t_in)
         F_t = model(x_t, t_in, y)
-        t_in = _unchanged(t_in, t)
+        if t_version is None or _version(t_in) != t_version:
+            t_in = t.clone()  # the call wrote its time input: the next gets a copy of its own
         target = target.detach()
         self._check_output(F_t, x)
         F_d = F_t.detach()
@@ -451,6 +452,11 @@ class UCGM:
                 inputs, r = _fd_inputs(x_tar, z_tar, t, tr, lam, self.fd_eps)
                 online = _unwrap_ddp(model)
                 if y2 is not None:
+                    if y2_version is None or _version(y2) != y2_version:
+                        # A call wrote its labels (y is y2's first half): as when the pair was made
+                        # here, both halves get the written labels, in a tensor of their own (the
+                        # gradient pass may have saved y).
+                        y2 = torch.cat([y, y])
                     F_2 = online(inputs, r, y2)
                     self._check_output(F_2, inputs, like=F_d)
                     F_a, F_b = F_2[:B], F_2[B:]

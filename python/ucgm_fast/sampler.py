@@ -416,7 +416,7 @@ class _Captured:
         # have made lazy ones): see moved().
         self.slots = _tensor_slots(plan.model)
         self.addresses = _addresses(self.slots)
-        self.stream = torch.cuda.current_stream(plan.noise.device)  # where the last replay ran
+        self.done = torch.cuda.Event()  # recorded after each replay's outputs are copied out
 
     def moved(self) -> bool:
         """Whether a parameter or buffer of the model is no longer where the graph reads it: a replay
@@ -426,11 +426,9 @@ class _Captured:
 
     def replay(self, plan: _Plan):
         stream = torch.cuda.current_stream(plan.noise.device)
-        if stream != self.stream:
-            # The last replay, on another stream, may still read the static inputs or write the
-            # outputs this call overwrites and clones: this stream waits for it.
-            stream.wait_stream(self.stream)
-            self.stream = stream
+        # The last replay, if it ran on another stream, may still read the static inputs or write the
+        # outputs this one overwrites and copies out: wait for it (on the same stream, a no-op).
+        stream.wait_event(self.done)
         self.noise.copy_(plan.noise)
         tables = (plan.sched, plan.t_model, plan.weight)
         if any(a is not b for a, b in zip(tables, self.tables)):  # other settings of the same graph
@@ -441,9 +439,9 @@ class _Captured:
         if self.y is not None:
             self.y.copy_(plan.y)
         self.graph.replay()
-        if isinstance(self.out, tuple):
-            return tuple(o.clone() for o in self.out)
-        return self.out.clone()
+        out = tuple(o.clone() for o in self.out) if isinstance(self.out, tuple) else self.out.clone()
+        self.done.record(stream)
+        return out
 
 
 @torch.no_grad()
