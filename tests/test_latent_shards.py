@@ -117,6 +117,12 @@ def _config(root, *extra):
                               "data.image_size=2", *extra])
 
 
+def test_channel_stats_of_a_folder_without_items_name_it(tmp_path):
+    write_shards(tmp_path / "none", sizes=(0,))
+    with pytest.raises(ValueError, match="holds no items"):
+        LatentShards(str(tmp_path / "none")).channel_stats()
+
+
 def test_build_dataset_scales_as_read_with_computed_or_published_stats(tmp_path):
     from ucgm_fast.train import build_dataset
 

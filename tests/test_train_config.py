@@ -369,6 +369,15 @@ def test_multi_tensor_ema_matches_formula():
         torch.testing.assert_close(e, r, rtol=1e-6, atol=1e-7)
 
 
+def test_ema_copies_every_buffer():
+    # Buffers are copied, not averaged: integer ones (BatchNorm's num_batches_tracked) too.
+    model, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    model(torch.randn(4, 3))
+    EMA(ema, model).update(0.9)
+    for name, b in model.named_buffers():
+        assert torch.equal(dict(ema.named_buffers())[name], b), name
+
+
 def test_adamw_is_fused_where_supported():
     opt = make_optimizer(torch.nn.Linear(3, 3).parameters(), type="AdamW", lr=1e-3)
     assert opt.defaults.get("fused") or opt.defaults.get("foreach")

@@ -319,7 +319,7 @@ def get_dataset(name: str, split: str = "train", limit=None, **kw) -> ImageDatas
     split : str
         "train", "test" or "all".
     limit : int, optional
-        Keep only the first ``limit`` rows (quick runs and tests).
+        Keep only ``limit`` rows (quick runs and tests): a fixed random subset (seed 0), in the data's order.
     **kw
         Passed to the loader: ``holdout_fraction``, ``seed`` (digits, image-folder, latents), ``root``
         (fashion-mnist, image-folder), ``size``, ``channels`` (image-folder), ``path``, ``labels``,

@@ -210,6 +210,8 @@ class LatentShards(torch.utils.data.Dataset):
             stats = torch.load(cache, map_location="cpu", weights_only=True)
             return stats["mean"].float().reshape(-1), stats["std"].float().reshape(-1)
         n = len(self)
+        if n == 0:
+            raise ValueError(f"latents: {self.root} holds no items to measure the latents' channel statistics on")
         pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:STATS_ITEMS].sort().values
         x = torch.stack([self.raw(int(i)) for i in pick]).double()
         return x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float()

@@ -7,7 +7,7 @@ gradient, ``mul_/add_`` per EMA tensor). Here each stage is a handful of multi-t
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
@@ -74,10 +74,6 @@ def lr_at(step: int, total_steps: int, lr: float, lr_schedule: str = "constant",
     return min_lr + (lr - min_lr) * shape
 
 
-def _float_tensors(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    return [t for t in tensors if t.is_floating_point()]
-
-
 @torch.no_grad()
 def ema_init(ema: torch.nn.Module, model: torch.nn.Module) -> None:
     """ema <- model (parameters and buffers), one multi-tensor copy."""
@@ -100,8 +96,8 @@ class EMA:
         if len(self.ema_params) != len(self.params):
             raise ValueError(f"EMA: the EMA model has {len(self.ema_params)} parameters, the model "
                              f"{len(self.params)}")
-        self.ema_buffers = _float_tensors(list(ema.buffers()))
-        self.buffers = _float_tensors(list(model.buffers()))
+        self.ema_buffers = list(ema.buffers())
+        self.buffers = list(model.buffers())
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
