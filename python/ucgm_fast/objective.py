@@ -411,14 +411,13 @@ class UCGM:
         # The labels of the batched finite-difference passes (y twice) are made first, when they are
         # needed, and y is their first half: one copy and one fill per step instead of two each.
         y2 = torch.cat([y, y]) if lam == 1.0 and self.batch_fd_passes else None
-        if ndrop:
-            if y2 is None:
-                y = y.clone()
-                y.narrow(0, B - ndrop, ndrop).fill_(null)  # a host-known bound: no mask, no sync
-            else:
-                y2.view(2, B).narrow(1, B - ndrop, ndrop).fill_(null)
         if y2 is not None:
+            if ndrop:
+                y2.view(2, B).narrow(1, B - ndrop, ndrop).fill_(null)
             y, y2_version = y2[:B], _version(y2)
+        elif ndrop:
+            y = y.clone()
+            y.narrow(0, B - ndrop, ndrop).fill_(null)  # a host-known bound: no mask, no sync
 
         # Everything is checked above and each model output as it comes: the ops' private runners
         # skip the public functions' checks (host time that matters at training sizes).
