@@ -201,7 +201,9 @@ def training_loss(model, x, y, t, z, *, transport="Linear", consistency_ratio=0.
 
     ``target_model`` is the network of the enhanced target (EMA / frozen copy / online model,
     resolved by the caller); ``null_class`` defaults to ``model.num_classes``. The enhancement
-    ratio is remapped (e >= 1 -> (e - 1)/e) at lambda = 0 here, as published.
+    ratio is remapped (e >= 1 -> (e - 1)/e) at lambda = 0 here, as published. With 16-bit data the
+    arithmetic is float32 and the model's inputs and the enhanced (x, z) are rounded to the data's
+    dtype, as :meth:`ucgm_fast.UCGM.loss` makes them (the published step has no 16-bit path).
     """
     tr = get_transport(transport)
     lam, e = float(consistency_ratio), float(enhanced_ratio)
@@ -228,16 +230,18 @@ def training_loss(model, x, y, t, z, *, transport="Linear", consistency_ratio=0.
         return x_hat, z_hat, F_r, den
 
     def enhance(tar, idx, pred_w, pred_wo):
-        # Boolean-mask updates, in the published order (rows [:keep] first, then the dropped ones).
-        tar = tar.clone()
-        pred_wo = pred_wo.clone()
-        head, idx = tar[:keep], idx[:keep]
+        # Boolean-mask updates, in the published order (rows [:keep] first, then the dropped ones),
+        # in the compute dtype of the predictions; the result is rounded to the data's dtype once,
+        # as enhance_target rounds its outputs (16-bit data would otherwise mix dtypes in index_put).
+        out = tar.to(pred_w.dtype, copy=True)
+        pred_wo = pred_wo.to(pred_w.dtype, copy=True)
+        head, idx = out[:keep], idx[:keep]
         head[idx] = head[idx] + e * (pred_w[:keep][idx] - pred_wo[:keep][idx])
         head[~idx] = (head[~idx] + pred_w[:keep][~idx]) * 0.5
-        tar[keep:] = (tar[keep:] + pred_wo[keep:]) * 0.5
-        return tar
+        out[keep:] = (out[keep:] + pred_wo[keep:]) * 0.5
+        return out.to(tar.dtype)
 
-    x_t = z * ai + x * gi
+    x_t = (z * ai + x * gi).to(x.dtype)  # the model sees data-dtype inputs, as interpolate returns
     x_wc, z_wc, F_t, den_t = forward(model, x_t, tb, c)
     x_tar, z_tar = x, z
     target = z * at + x * gt
@@ -255,7 +259,7 @@ def training_loss(model, x, y, t, z, *, transport="Linear", consistency_ratio=0.
                 z_tar = enhance(z_tar, idx, z_mwc, z_tar)
             if lam != 0.0:
                 def yfunc(r):
-                    x_r = tr.coefficients(r)[0] * z_tar + tr.coefficients(r)[1] * x_tar  # enhanced x, z
+                    x_r = (tr.coefficients(r)[0] * z_tar + tr.coefficients(r)[1] * x_tar).to(x.dtype)  # enhanced x, z
                     _, _, F_r, d_r = forward(model, x_r, r, c)
                     return (F_r * tr.coefficients(r)[0] - x_r * tr.coefficients(r)[2]) / d_r
 
