@@ -2,9 +2,9 @@
 // H100 where torch.compile's Triton kernels reach 97-99% (benchmarks/results/nvidia-h100_notes.md)?
 // This standalone program times the shipped kernels (linked from csrc/cuda/transport_ops.cu)
 // against variants that change one thing each, on the same math (csrc/ucgm/transport.h):
-//   stride64 8/SM  the structure of those runs: grid-stride loop, 8 blocks per SM, 64-bit indices
-//   stride64 wave  the same kernel with the grid the shipped ops now use: one full wave (SMs x the
-//                  blocks that fit on an SM at the kernel's register use)
+//   stride64 8/SM   grid-stride loop, 8 blocks per SM, 64-bit indices (the launches until 81a8d40)
+//   stride64 wave   the same kernel, one wave of resident blocks (the launches of 81a8d40)
+//   stride64 cover  the same kernel, blocks enough to cover the data once (the shipped launches)
 //   flat64    one 16-byte vector per thread, a grid that covers the tensor once, 64-bit indices
 //   flat32    flat64 with 32-bit indices (a 64-bit division by row_size costs ~70 instructions)
 //   flat32x2  flat32 with two vectors per thread, both loaded before any arithmetic
@@ -15,13 +15,12 @@
 //
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr --fmad=false -arch=sm_90 -DUCGM_WITH_CUDA -Icsrc \
 //        benchmarks/cuda_mix_variants.cu csrc/cuda/transport_ops.cu -o /tmp/mix_variants && /tmp/mix_variants
-// (scripts/gpu_check.sh's `variants` stage does this.) Predictions written before the first run:
-// - the 8-blocks-per-SM grid is the main gap: these kernels use 34-38 registers (ptxas, sm_90), so
-//   6 blocks of 256 fit on an SM and a grid of 8 per SM runs a second wave a third full; "stride64
-//   wave" (and the shipped op, which now sizes its grid so) should reach the no-arithmetic kernel.
-// - if not: flat32 closes the gap if index arithmetic delays the next loads; flat32x2 helps if too
-//   few bytes are in flight; if nothing moves, the gap is the access pattern (4 streams) and only a
-//   different store policy (flat32cs) can change it.
+// (scripts/gpu_check.sh's `variants` stage does this.) Measured on an H100 (2026-11-27, 163d6a0,
+// benchmarks/results/nvidia-h100_variants.txt), % of cudaMemcpyAsync: the looping kernels 95-96%
+// for interpolate (8/SM and one wave alike: this variant fits 8 blocks an SM) and the shipped
+// coefficients 90-92%; every covering-grid variant 97-101%, as the no-arithmetic kernels. Index
+// width, two vectors per thread and streaming stores changed nothing. So the launches now cover the
+// data once; prediction: the shipped rows match "stride64 cover" and flat64.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -290,8 +289,9 @@ int main() {
                  std::memcmp(to_host(o2, n).data(), ref2.data(), bytes) == 0);
     };
     std::vector<std::pair<std::string, std::function<void()>>> variants = {
-        {"stride64 8/SM (the old grid)", [&] { mix_stride64<<<gs, kBlock>>>(x, z, t, o1, o2, n, row_size, tr); }},
-        {"stride64 wave (the shipped grid)", [&] { mix_stride64<<<gw, kBlock>>>(x, z, t, o1, o2, n, row_size, tr); }},
+        {"stride64 8/SM (until 81a8d40)", [&] { mix_stride64<<<gs, kBlock>>>(x, z, t, o1, o2, n, row_size, tr); }},
+        {"stride64 wave (81a8d40)", [&] { mix_stride64<<<gw, kBlock>>>(x, z, t, o1, o2, n, row_size, tr); }},
+        {"stride64 cover (shipped)", [&] { mix_stride64<<<g1, kBlock>>>(x, z, t, o1, o2, n, row_size, tr); }},
         {"flat64", [&] { mix_flat64<<<g1, kBlock>>>(x, z, t, o1, o2, n, row_size, tr); }},
         {"flat32", [&] { mix_flat32<<<g1, kBlock>>>(x, z, t, o1, o2, n, row_size, tr); }},
         {"flat32x2", [&] { mix_flat32x2<<<g2, kBlock>>>(x, z, t, o1, o2, n, row_size, tr); }},

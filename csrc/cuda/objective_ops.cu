@@ -247,7 +247,7 @@ int enhance_target_cuda(int data_dtype, int model_dtype, const void* x, const vo
                      vec_aligned<SM, kVec>(F_w) && vec_aligned<SM, kVec>(F_wo) &&
                      (emit_target ? true : vec_aligned<SD, kVec>(out1) && vec_aligned<SD, kVec>(out2));
     auto launch = [&](auto kernel, int width) {
-      kernel<<<grid_size(kernel, n / width, kBlock), kBlock, 0, st>>>(
+      kernel<<<grid_size(n / width, kBlock), kBlock, 0, st>>>(
           static_cast<const SD*>(x), static_cast<const SD*>(z), static_cast<const SM*>(F_w),
           static_cast<const SM*>(F_wo), static_cast<const C*>(t), t_stride, out1, out2, n, row_size, rows, ndrop,
           C(ratio), C(lo), C(hi), transport, emit_target);
@@ -272,7 +272,7 @@ int fd_inputs_cuda(int data_dtype, const void* x, const void* z, const void* t, 
     const bool vec =
         row_size % kVec == 0 && vec_aligned<S, kVec>(x) && vec_aligned<S, kVec>(z) && vec_aligned<S, kVec>(x_out);
     auto launch = [&](auto kernel, int width) {
-      kernel<<<grid_size(kernel, n * passes / width, kBlock), kBlock, 0, st>>>(
+      kernel<<<grid_size(n * passes / width, kBlock), kBlock, 0, st>>>(
           static_cast<const S*>(x), static_cast<const S*>(z), static_cast<const C*>(t), t_stride,
           static_cast<S*>(x_out), static_cast<C*>(r_out), n, row_size, passes, fd, transport);
     };
@@ -296,7 +296,7 @@ int fd_target_cuda(int data_dtype, int model_dtype, const void* F_t, const void*
                      vec_aligned<SM, kVec>(F_b) && vec_aligned<SD, kVec>(x) && vec_aligned<SD, kVec>(z) &&
                      vec_aligned<C, kVec>(target);
     auto launch = [&](auto kernel, int width) {
-      kernel<<<grid_size(kernel, n / width, kBlock), kBlock, 0, st>>>(
+      kernel<<<grid_size(n / width, kBlock), kBlock, 0, st>>>(
           static_cast<const SM*>(F_t), static_cast<const SM*>(F_a), static_cast<const SM*>(F_b),
           static_cast<const SD*>(x), static_cast<const SD*>(z), static_cast<const C*>(t), t_stride,
           static_cast<C*>(target), n, row_size, fd_step<C>(lambda, eps), transport);
@@ -345,7 +345,7 @@ int ucgm_loss_backward_cuda(int f_dtype, int target_dtype, const void* grad_loss
     using SF = decltype(sf);
     using C = decltype(c);
     auto launch = [&](auto kernel, int width) {
-      kernel<<<grid_size(kernel, rows * positions / width, kBlock), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(
+      kernel<<<grid_size(rows * positions / width, kBlock), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(
           static_cast<const C*>(grad_loss), static_cast<const SF*>(F), static_cast<const ST*>(target),
           static_cast<const C*>(t), t_stride, static_cast<const C*>(row_root), static_cast<SF*>(grad_F),
           static_cast<ST*>(grad_target), rows, channels, positions, cosine, time_weighting);

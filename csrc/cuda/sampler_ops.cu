@@ -104,7 +104,7 @@ int sampler_step_cuda(int state_dtype, int model_dtype, const void* F, const voi
                       vec_aligned<C, 4>(z_prev) && vec_aligned<C, 4>(x_next) && vec_aligned<C, 4>(x_hat) &&
                       vec_aligned<C, 4>(z_hat);
     auto launch = [&](auto kernel) {
-      kernel<<<grid_size(kernel, (n + 3) / 4, kBlock), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(
+      kernel<<<grid_size((n + 3) / 4, kBlock), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(
           static_cast<const M*>(F), static_cast<const C*>(x), static_cast<C*>(x_prev), static_cast<C*>(z_prev),
           static_cast<const double*>(sched), static_cast<const int64_t*>(seed), n, step, transport, mode,
           static_cast<C*>(x_next), static_cast<C*>(x_hat), static_cast<C*>(z_hat));
@@ -122,7 +122,7 @@ int sampler_correct_cuda(int state_dtype, int model_dtype, const void* F, const 
     using C = decltype(s);  // storage type of the state
     using M = decltype(m);
     const auto kernel = sampler_correct_kernel<C, M>;
-    kernel<<<grid_size(kernel, n, kBlock), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(
+    kernel<<<grid_size(n, kBlock), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const M*>(F), static_cast<const C*>(x_next), static_cast<const C*>(x),
         static_cast<const C*>(z_hat), static_cast<const double*>(sched), n, transport, static_cast<C*>(out));
     return launch_status();
@@ -132,7 +132,7 @@ int sampler_correct_cuda(int state_dtype, int model_dtype, const void* F, const 
 int philox_cuda(const void* seed, int step, int64_t n, int raw, void* out, void* stream) {
   if (n < 0 || step < 0) return kBadArgument;
   if (n == 0) return kOk;
-  philox_kernel<<<grid_size(philox_kernel, (n + 3) / 4, kBlock), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(
+  philox_kernel<<<grid_size((n + 3) / 4, kBlock), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(
       static_cast<const int64_t*>(seed), step, n, raw, out);
   return launch_status();
 }

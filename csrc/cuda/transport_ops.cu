@@ -68,7 +68,7 @@ int mix_cuda(int dtype, const void* u, const void* v, const void* t, int64_t t_s
     const bool vec = row_size % V == 0 && vec_aligned<S, V>(u) && vec_aligned<S, V>(v) && vec_aligned<S, V>(out1) &&
                      vec_aligned<S, V>(out2);
     auto args = [&](auto kernel, int width) {
-      kernel<<<grid_size(kernel, n / width, kBlock), kBlock, 0, st>>>(
+      kernel<<<grid_size(n / width, kBlock), kBlock, 0, st>>>(
           static_cast<const S*>(u), static_cast<const S*>(v), static_cast<const C*>(t), t_stride,
           static_cast<S*>(out1), static_cast<S*>(out2), n, row_size, transport, mode);
     };
@@ -88,7 +88,7 @@ int coefficients_cuda(int dtype, const void* t, int64_t n, int transport, void* 
     const bool vec = n % V == 0 && vec_aligned<S, V>(t) && vec_aligned<S, V>(alpha_in) && vec_aligned<S, V>(gamma_in) &&
                      vec_aligned<S, V>(alpha_to) && vec_aligned<S, V>(gamma_to);
     auto launch = [&](auto kernel, int width) {
-      kernel<<<grid_size(kernel, n / width, kBlock), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(
+      kernel<<<grid_size(n / width, kBlock), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(
           static_cast<const S*>(t), n, transport, static_cast<S*>(alpha_in), static_cast<S*>(gamma_in),
           static_cast<S*>(alpha_to), static_cast<S*>(gamma_to));
     };
