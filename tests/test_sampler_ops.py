@@ -224,6 +224,34 @@ def test_tensor_scalars_and_custom_transport():
     assert torch.equal(a, b) and torch.allclose(a, c, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_number_arguments_take_the_same_schedule_and_seed_as_tensors(device):
+    # Plain numbers travel as one packed host buffer (one transfer), tensors one by one: the same
+    # step, noise included, for seeds across the int64 range and past it (2^63.. wraps to negative).
+    x = torch.randn(5, 7, dtype=torch.float64, device=device)
+    F = torch.randn(5, 7, dtype=torch.float32, device=device)
+    f64 = torch.float64
+    for seed in (0, 3, -1, -2 ** 63, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 2):
+        as_int = ucgm_fast.sampler_step(F, x, 0.7, 0.4, "EDM", step=5, stochast_ratio=0.3, extrapol_ratio=0.0,
+                                        seed=seed, return_hats=True)
+        wrapped = seed - 2 ** 64 if seed >= 2 ** 63 else seed
+        as_tensors = ucgm_fast.sampler_step(F, x, torch.tensor(0.7, dtype=f64), torch.tensor(0.4, dtype=f64), "EDM",
+                                            step=5, stochast_ratio=torch.tensor(0.3, dtype=f64),
+                                            seed=torch.tensor([wrapped]), return_hats=True)
+        assert all(torch.equal(a, b) for a, b in zip(as_int, as_tensors)), seed
+    other = ucgm_fast.sampler_step(F, x, 0.7, 0.4, "EDM", step=5, stochast_ratio=0.3, seed=4)
+    assert not torch.equal(other, ucgm_fast.sampler_step(F, x, 0.7, 0.4, "EDM", step=5, stochast_ratio=0.3, seed=3))
+    # t, t' and kappa each reach their place in the row
+    for kw in (dict(t=0.6), dict(t_next=0.5), dict(stochast_ratio=0.2)):
+        args = dict(t=0.7, t_next=0.4, stochast_ratio=0.3) | kw
+        a = ucgm_fast.sampler_step(F, x, args["t"], args["t_next"], "EDM", step=5,
+                                   stochast_ratio=args["stochast_ratio"], seed=3)
+        b = ucgm_fast.sampler_step(F, x, torch.tensor(args["t"], dtype=f64), torch.tensor(args["t_next"], dtype=f64),
+                                   "EDM", step=5, stochast_ratio=torch.tensor(args["stochast_ratio"], dtype=f64),
+                                   seed=3)
+        assert torch.equal(a, b), kw
+
+
 def test_empty_state():
     x = torch.empty(0, 3)
     out = ucgm_fast.sampler_step(x, x, 0.5, 0.2, "EDM", stochast_ratio=0.5, return_hats=True)

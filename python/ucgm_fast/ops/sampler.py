@@ -9,6 +9,7 @@ materializes the noise a step draws. Per-step scalars (t, t', kappa, e) travel i
 from __future__ import annotations
 
 import numbers
+import struct
 from typing import Optional
 
 import torch
@@ -202,10 +203,38 @@ def _scalar(op: str, name: str, v, x: torch.Tensor) -> torch.Tensor:
     return torch.tensor(float(v), dtype=torch.float64)
 
 
+def _is_number(v) -> bool:
+    """A real number that is not a bool (float and int tested first: the numbers.Real ABC check
+    costs about a microsecond, and a sampler step makes several)."""
+    return type(v) is float or type(v) is int or (isinstance(v, numbers.Real) and not isinstance(v, bool))
+
+
+# A step's schedule row and seed as one host buffer: {t, t', kappa, e} as float64, then the int64 seed.
+_SCHED_SEED = struct.Struct("=4dq")
+
+
+def make_sched_seed(op: str, x: torch.Tensor, t, t_next, kappa, e, seed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(make_sched(...), make_seed(...)); for plain numbers, one buffer and one host-to-device copy.
+
+    At training sizes a step is bound by host time on a GPU: a copy of a small pageable tensor costs
+    several microseconds, the kernel of a 1M-element step little more.
+    """
+    # (torch.compile cannot trace the packing, and makes its constants its own way.)
+    if (_is_number(t) and _is_number(t_next) and _is_number(kappa) and _is_number(e) and type(seed) is int
+            and -2 ** 63 <= seed < 2 ** 63 and not torch.compiler.is_compiling()):
+        row = bytearray(_SCHED_SEED.pack(float(t), float(t_next), float(kappa), float(e), seed))
+        if x.device.type == "cpu":  # two views of the one buffer (cheaper than slicing a tensor)
+            return (torch.frombuffer(row, dtype=torch.float64, count=4),
+                    torch.frombuffer(row, dtype=torch.int64, count=1, offset=32))
+        buf = torch.frombuffer(row, dtype=torch.int64).to(x.device, non_blocking=True)
+        return buf[:4].view(torch.float64), buf[4:]
+    return make_sched(op, x, t, t_next, kappa, e), make_seed(op, seed, x.device)
+
+
 def make_sched(op: str, x: torch.Tensor, t, t_next, kappa, e) -> torch.Tensor:
     """The schedule row {t, t', kappa, e}, float64 on x's device (sampler.h, SchedField)."""
     vals = [t, t_next, kappa, e]
-    if all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in vals):
+    if all(_is_number(v) for v in vals):
         row = torch.tensor([float(v) for v in vals], dtype=torch.float64)
         return row.to(x.device, non_blocking=True) if x.device.type != "cpu" else row
     names = ["t", "t_next", "stochast_ratio", "extrapol_ratio"]
@@ -301,7 +330,7 @@ def sampler_step(F, x, t, t_next, transport, *, step: int = 0, stochast_ratio=0.
     tr = get_transport(transport)
     step = _check_step(op, step)
     for name, v, lo, hi in (("stochast_ratio", stochast_ratio, 0.0, 1.0), ("extrapol_ratio", extrapol_ratio, 0.0, None)):
-        if isinstance(v, numbers.Real) and not isinstance(v, bool) and not (v >= lo and (hi is None or v <= hi)):
+        if _is_number(v) and not (v >= lo and (hi is None or v <= hi)):
             raise ValueError(f"{op}: {name} must be in [{lo}, {f'{hi}]' if hi is not None else 'inf)'}, got {v}")
     if (x_prev is None) != (z_prev is None):
         raise ValueError(f"{op}: pass both x_prev and z_prev or neither")
@@ -326,8 +355,7 @@ def sampler_step(F, x, t, t_next, transport, *, step: int = 0, stochast_ratio=0.
                 raise ValueError(f"{op}: x_prev and z_prev must not share memory with {what} "
                                  "(they are updated in place)")
         mode = EXTRAPOL_APPLY if step >= 2 else EXTRAPOL_RECORD
-    sched = make_sched(op, x, t, t_next, stochast_ratio, extrapol_ratio)
-    sd = make_seed(op, seed, x.device)
+    sched, sd = make_sched_seed(op, x, t, t_next, stochast_ratio, extrapol_ratio, seed)
     if tr.id is None:
         return reference.sampler_step(F, x, sched[0], sched[1], tr, step=step, stochast_ratio=sched[2],
                                       extrapol_ratio=sched[3], seed=int(sd[0]),
