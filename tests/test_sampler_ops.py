@@ -239,6 +239,13 @@ def test_number_arguments_take_the_same_schedule_and_seed_as_tensors(device):
                                             step=5, stochast_ratio=torch.tensor(0.3, dtype=f64),
                                             seed=torch.tensor([wrapped]), return_hats=True)
         assert all(torch.equal(a, b) for a, b in zip(as_int, as_tensors)), seed
+    # extrapol_ratio reaches its place too (with buffers: the step's last two rows)
+    bufs = [torch.randn_like(x) for _ in range(2)]
+    bufs += [b.clone() for b in bufs]
+    a = ucgm_fast.sampler_step(F, x, 0.7, 0.4, "EDM", step=5, extrapol_ratio=0.4, x_prev=bufs[0], z_prev=bufs[1])
+    b = ucgm_fast.sampler_step(F, x, 0.7, 0.4, "EDM", step=5, extrapol_ratio=torch.tensor(0.4, dtype=f64),
+                               x_prev=bufs[2], z_prev=bufs[3])
+    assert torch.equal(a, b)
     other = ucgm_fast.sampler_step(F, x, 0.7, 0.4, "EDM", step=5, stochast_ratio=0.3, seed=4)
     assert not torch.equal(other, ucgm_fast.sampler_step(F, x, 0.7, 0.4, "EDM", step=5, stochast_ratio=0.3, seed=3))
     # t, t' and kappa each reach their place in the row
@@ -250,6 +257,20 @@ def test_number_arguments_take_the_same_schedule_and_seed_as_tensors(device):
                                    "EDM", step=5, stochast_ratio=torch.tensor(args["stochast_ratio"], dtype=f64),
                                    seed=3)
         assert torch.equal(a, b), kw
+
+
+@pytest.mark.parametrize("mode", ["fake", "symbolic"])
+def test_step_with_number_arguments_traces_with_make_fx(mode):
+    # The packed schedule buffer is for plain eager calls: under a dispatch mode a real tensor made
+    # from host memory would sit among fake ones.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    F, x = torch.randn(5, 7), torch.randn(5, 7, dtype=torch.float64)
+
+    def step(F, x):
+        return ucgm_fast.sampler_step(F, x, 0.7, 0.4, "EDM", step=2, stochast_ratio=0.3, seed=3)
+
+    assert torch.equal(make_fx(step, tracing_mode=mode)(F, x)(F, x), step(F, x))
 
 
 def test_empty_state():

@@ -32,8 +32,9 @@ int dispatch_dtype_cuda(int dtype, F&& f) {
 // and the loop only matters past the grid's limit. Measured on an H100 at 64M float32 elements
 // (benchmarks/cuda_mix_variants.cu; benchmarks/results/nvidia-h100_variants.txt): with one wave of
 // resident blocks looping over the data, interpolate reached 95-96% of cudaMemcpyAsync and
-// coefficients 90-92%; covering the data once, the same arithmetic reached 101% and 97%, as
-// the no-arithmetic kernels did. torch's and Triton's elementwise kernels launch so too.
+// coefficients 90-92%; one-pass kernels covering the data once with the same arithmetic reached
+// 101% and 97%, as the no-arithmetic kernels did. torch's and Triton's elementwise kernels launch
+// so too.
 inline int grid_size(int64_t work_items, int block) {
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(1, (work_items + block - 1) / block), 0x7fffffff));
 }

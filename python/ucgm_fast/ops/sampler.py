@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..reference import sampler as reference
-from .._kernels import DTYPE_CODE, Kernel, eager_fast_path
+from .._kernels import DTYPE_CODE, Kernel, eager_fast_path, plain_eager
 from .._validate import FLOAT_DTYPES, check_raw
 from ..transports import TRANSPORTS, get_transport
 
@@ -219,9 +219,10 @@ def make_sched_seed(op: str, x: torch.Tensor, t, t_next, kappa, e, seed) -> tupl
     At training sizes a step is bound by host time on a GPU: a copy of a small pageable tensor costs
     several microseconds, the kernel of a 1M-element step little more.
     """
-    # (torch.compile cannot trace the packing, and makes its constants its own way.)
+    # Plain eager calls only: torch.compile cannot trace the packing, and under a dispatch mode
+    # (make_fx, FakeTensorMode) torch.frombuffer makes a real tensor among fake ones.
     if (_is_number(t) and _is_number(t_next) and _is_number(kappa) and _is_number(e) and type(seed) is int
-            and -2 ** 63 <= seed < 2 ** 63 and not torch.compiler.is_compiling()):
+            and -2 ** 63 <= seed < 2 ** 63 and plain_eager(x)):
         row = bytearray(_SCHED_SEED.pack(float(t), float(t_next), float(kappa), float(e), seed))
         if x.device.type == "cpu":  # two views of the one buffer (cheaper than slicing a tensor)
             return (torch.frombuffer(row, dtype=torch.float64, count=4),

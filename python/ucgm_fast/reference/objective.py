@@ -231,10 +231,11 @@ def training_loss(model, x, y, t, z, *, transport="Linear", consistency_ratio=0.
 
     def enhance(tar, idx, pred_w, pred_wo):
         # Boolean-mask updates, in the published order (rows [:keep] first, then the dropped ones),
-        # in the compute dtype of the predictions; the result is rounded to the data's dtype once,
+        # in the predictions' (promoted) dtype; the result is rounded to the data's dtype once,
         # as enhance_target rounds its outputs (16-bit data would otherwise mix dtypes in index_put).
-        out = tar.to(pred_w.dtype, copy=True)
-        pred_wo = pred_wo.to(pred_w.dtype, copy=True)
+        ct = torch.promote_types(pred_w.dtype, pred_wo.dtype)  # a target network may run in another dtype
+        out = tar.to(ct, copy=True)
+        pred_w, pred_wo = pred_w.to(ct), pred_wo.to(ct, copy=True)
         head, idx = out[:keep], idx[:keep]
         head[idx] = head[idx] + e * (pred_w[:keep][idx] - pred_wo[:keep][idx])
         head[~idx] = (head[~idx] + pred_w[:keep][~idx]) * 0.5
