@@ -352,6 +352,26 @@ PUBLISHED_FEW_STEP = {  # transport: section of configs/training_few_steps/in1k2
 }
 
 
+def test_target_copy_follows_the_model_to_another_dtype():
+    # model.double() (or .cuda()) after the copy was made: the copy follows, values kept, instead
+    # of failing in its forward with a bare dtype error.
+    x, z, y, t = BATCH
+    model = copy.deepcopy(M32)
+    kw = dict(transport="Linear", consistency_ratio=1.0, enhanced_ratio=1.5, label_drop_ratio=0.25,
+              target_ema_decay=0.999)
+    ucgm = ucgm_fast.UCGM(**kw)
+    ucgm.loss(model, x.float(), y, t=t.float(), z=z.float())
+    before = copy.deepcopy(ucgm.target)
+    model.double()
+    loss = ucgm.loss(model, x, y, t=t, z=z)
+    assert all(v.dtype == torch.float64 for v in ucgm.target.parameters())
+    ref = ucgm_fast.UCGM(**kw)
+    use_target(ref, before.double())
+    assert torch.equal(loss, ref.loss(model, x, y, t=t, z=z))
+    ucgm.update_target(model)  # the EMA step in the model's dtype
+    assert all(v.dtype == torch.float64 for v in ucgm.target.parameters())
+
+
 def test_from_config():
     for d in (PUBLISHED_FEW_STEP, {"transport": PUBLISHED_FEW_STEP, "model": {}}):
         u = ucgm_fast.UCGM.from_config(d)

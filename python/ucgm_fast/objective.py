@@ -119,6 +119,9 @@ class UCGM:
     together with the enhanced x'_t (as the published code does, and as its checkpoints were
     trained); only f(lambda t) costs a model pass. With D = 0 and lambda > 0 the enhanced target's
     "with" prediction is F_t itself (the same model at the same input), saving a pass.
+
+    The target copy (D > 0) follows the model to another device or dtype when the model moves
+    after the copy was made.
     """
 
     def __init__(self, transport="Linear", consistency_ratio=0.0, enhanced_ratio=0.0, enhanced_range=(0.0, 0.75),
@@ -258,7 +261,25 @@ class UCGM:
             return _unwrap_ddp(model)
         if self.target is None:
             self._create_target(model)
+        else:
+            self._follow(_unwrap_all(model))
         return self._target_call
+
+    @torch.no_grad()
+    def _follow(self, base) -> None:
+        """Moves the copy's tensors to the device and dtype of the model's same-named ones when the
+        model moved after the copy was made (``model.cuda()``, ``model.double()``): the copy would
+        otherwise fail in its forward or in the EMA update with a bare dtype/device error. Checked
+        on the first parameter, each call (a microsecond)."""
+        p, q = next(base.parameters(), None), next(self.target.parameters(), None)
+        if p is None or q is None or (p.device == q.device and p.dtype == q.dtype):
+            return
+        own = dict(base.named_parameters())
+        own.update(base.named_buffers())
+        for name, v in [*self.target.named_parameters(), *self.target.named_buffers()]:
+            src = own.get(name)
+            if src is not None and (v.device != src.device or v.dtype != src.dtype):
+                v.data = v.data.to(device=src.device, dtype=src.dtype)
 
     @torch.no_grad()
     def update_target(self, model) -> None:
@@ -272,9 +293,11 @@ class UCGM:
         if self.target is None:
             self._create_target(model)
             return
+        base = _unwrap_all(model)
+        self._follow(base)
         if self.target_ema_decay >= 1.0:
             return
-        src = dict(_unwrap_all(model).named_parameters())
+        src = dict(base.named_parameters())
         dst, new = [], []
         for name, p in self.target.named_parameters():
             if name not in src:
