@@ -37,6 +37,12 @@ def check_data(op: str, **tensors: torch.Tensor) -> torch.Tensor:
     return first
 
 
+def is_real_number(v) -> bool:
+    """A real number that is not a bool (float and int tested first: the numbers.Real ABC check
+    costs about a microsecond, and a step's setup makes several)."""
+    return type(v) is float or type(v) is int or (isinstance(v, numbers.Real) and not isinstance(v, bool))
+
+
 def batch_times(op: str, t, like: torch.Tensor, name: str = "t") -> torch.Tensor:
     """One time per sample as a (B,) tensor of the compute dtype on like's device (maybe stride 0).
 
@@ -47,7 +53,7 @@ def batch_times(op: str, t, like: torch.Tensor, name: str = "t") -> torch.Tensor
     if isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() == 1 and t.shape[0] == batch \
             and t.device == like.device:
         return t  # the common case, checked first: these ops are launch-bound at training sizes
-    if isinstance(t, numbers.Real) and not isinstance(t, bool):
+    if is_real_number(t):
         return torch.full((1,), float(t), dtype=dtype, device=like.device).expand(batch)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a float or a floating tensor, got {type(t).__name__}")

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from ._kernels import eager_fast_path
-from ._validate import FLOAT_DTYPES
+from ._validate import FLOAT_DTYPES, is_real_number
 from .ops import sampler as fused
 from .reference import sampler as reference
 from .transports import get_transport
@@ -42,9 +42,7 @@ def clear_graph_cache() -> None:
 
 
 def _real(op, name, v):
-    if type(v) is float or type(v) is int:  # the common case, without numbers.Real's slow ABC check
-        return float(v)
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if not is_real_number(v):
         raise TypeError(f"{op}: {name} must be a real number, got {type(v).__name__}")
     return float(v)
 

@@ -19,7 +19,7 @@ import torch
 from ..reference import objective as reference
 from .._kernels import (DTYPE_CODE, Kernel, _C, eager_fast_path, fresh_outputs, needs_reference, plain_eager,
                         saveable)
-from .._validate import FLOAT_DTYPES, batch_times, check_data, check_raw, compute_dtype
+from .._validate import FLOAT_DTYPES, batch_times, check_data, check_raw, compute_dtype, is_real_number
 from ..transports import TRANSPORTS, get_transport
 
 __all__ = ["enhance_target", "fd_inputs", "fd_target", "ucgm_loss"]
@@ -330,7 +330,7 @@ def _check_model_output(op: str, name: str, F, like: torch.Tensor, like_name: st
 
 def _ratio(op: str, name: str, value) -> float:
     # abs(v) < inf rather than math.isfinite: the latter is not traceable by torch.compile.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(value) < math.inf:
+    if not is_real_number(value) or not abs(value) < math.inf:
         raise TypeError(f"{op}: {name} must be a finite number, got {value!r}")
     return float(value)
 

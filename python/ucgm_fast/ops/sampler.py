@@ -16,7 +16,7 @@ import torch
 
 from ..reference import sampler as reference
 from .._kernels import DTYPE_CODE, Kernel, eager_fast_path, plain_eager
-from .._validate import FLOAT_DTYPES, check_raw
+from .._validate import FLOAT_DTYPES, check_raw, is_real_number
 from ..transports import TRANSPORTS, get_transport
 
 __all__ = ["sampler_step", "sampler_correct", "sampler_noise"]
@@ -198,15 +198,9 @@ def _scalar(op: str, name: str, v, x: torch.Tensor) -> torch.Tensor:
         if v.device != x.device and v.device.type != "cpu":
             raise ValueError(f"{op}: {name} is on {v.device} but the state x is on {x.device}")
         return v.reshape(()).to(x.device, torch.float64)
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if not is_real_number(v):
         raise TypeError(f"{op}: {name} must be a float or a one-element tensor, got {type(v).__name__}")
     return torch.tensor(float(v), dtype=torch.float64)
-
-
-def _is_number(v) -> bool:
-    """A real number that is not a bool (float and int tested first: the numbers.Real ABC check
-    costs about a microsecond, and a sampler step makes several)."""
-    return type(v) is float or type(v) is int or (isinstance(v, numbers.Real) and not isinstance(v, bool))
 
 
 # A step's schedule row and seed as one host buffer: {t, t', kappa, e} as float64, then the int64 seed.
@@ -221,7 +215,7 @@ def make_sched_seed(op: str, x: torch.Tensor, t, t_next, kappa, e, seed) -> tupl
     """
     # Plain eager calls only: torch.compile cannot trace the packing, and under a dispatch mode
     # (make_fx, FakeTensorMode) torch.frombuffer makes a real tensor among fake ones.
-    if (_is_number(t) and _is_number(t_next) and _is_number(kappa) and _is_number(e) and type(seed) is int
+    if (is_real_number(t) and is_real_number(t_next) and is_real_number(kappa) and is_real_number(e) and type(seed) is int
             and -2 ** 63 <= seed < 2 ** 63 and plain_eager(x)):
         row = bytearray(_SCHED_SEED.pack(float(t), float(t_next), float(kappa), float(e), seed))
         if x.device.type == "cpu":  # two views of the one buffer (cheaper than slicing a tensor)
@@ -235,7 +229,7 @@ def make_sched_seed(op: str, x: torch.Tensor, t, t_next, kappa, e, seed) -> tupl
 def make_sched(op: str, x: torch.Tensor, t, t_next, kappa, e) -> torch.Tensor:
     """The schedule row {t, t', kappa, e}, float64 on x's device (sampler.h, SchedField)."""
     vals = [t, t_next, kappa, e]
-    if all(_is_number(v) for v in vals):
+    if all(is_real_number(v) for v in vals):
         row = torch.tensor([float(v) for v in vals], dtype=torch.float64)
         return row.to(x.device, non_blocking=True) if x.device.type != "cpu" else row
     names = ["t", "t_next", "stochast_ratio", "extrapol_ratio"]
@@ -331,7 +325,7 @@ def sampler_step(F, x, t, t_next, transport, *, step: int = 0, stochast_ratio=0.
     tr = get_transport(transport)
     step = _check_step(op, step)
     for name, v, lo, hi in (("stochast_ratio", stochast_ratio, 0.0, 1.0), ("extrapol_ratio", extrapol_ratio, 0.0, None)):
-        if _is_number(v) and not (v >= lo and (hi is None or v <= hi)):
+        if is_real_number(v) and not (v >= lo and (hi is None or v <= hi)):
             raise ValueError(f"{op}: {name} must be in [{lo}, {f'{hi}]' if hi is not None else 'inf)'}, got {v}")
     if (x_prev is None) != (z_prev is None):
         raise ValueError(f"{op}: pass both x_prev and z_prev or neither")

@@ -7,13 +7,12 @@ validate their arguments, put ``t`` in its (B,) form and call the op; a user-def
 """
 from __future__ import annotations
 
-import numbers
 
 import torch
 
 from ..reference import transport as reference
 from .._kernels import DTYPE_CODE, Kernel, eager_fast_path, fresh_outputs, needs_reference, plain_eager, saveable
-from .._validate import FLOAT_DTYPES, batch_times, check_data, check_raw
+from .._validate import FLOAT_DTYPES, batch_times, check_data, check_raw, is_real_number
 from ..transports import TRANSPORTS, get_transport
 
 __all__ = ["coefficients", "interpolate", "decode"]
@@ -193,7 +192,7 @@ def coefficients(t, transport):
     """
     tr = get_transport(transport)
     if not isinstance(t, torch.Tensor):
-        if isinstance(t, bool) or not isinstance(t, numbers.Real):
+        if not is_real_number(t):
             raise TypeError(f"coefficients: t must be a float or a floating tensor, got {type(t).__name__}")
         t = torch.tensor(float(t), dtype=torch.float32)
     if t.dtype not in FLOAT_DTYPES:
