@@ -14,6 +14,7 @@
 #include "ucgm/philox.h"
 #include "ucgm/sampler_ops.h"
 #include "cpu/isa.h"
+#include "cpu/stream_store.h"
 
 namespace py = pybind11;
 using ptr = std::uintptr_t;
@@ -61,6 +62,10 @@ py::dict build_info() {
     if (ucgm::cpu_isa_supported(i)) isas.append(ucgm::kIsaNames[i]);
   d["cpu_isas"] = isas;
   d["cpu_isa"] = ucgm::kIsaNames[ucgm::cpu_isa().load()];
+  if (ucgm::worth_streaming(INT64_MAX))
+    d["cpu_stream_min_bytes"] = ucgm::kStreamMinBytes;
+  else
+    d["cpu_stream_min_bytes"] = py::none();
   return d;
 }
 

@@ -421,3 +421,50 @@ def test_coefficients_of_a_time_do_not_depend_on_its_neighbours(transport):
             assert torch.equal(a.nan_to_num(), b.nan_to_num())
     finally:
         torch.set_num_threads(threads)
+
+
+STREAM_MIN = ucgm_fast.build_info().get("cpu_stream_min_bytes")
+
+
+@pytest.mark.skipif(STREAM_MIN is None, reason="this build has no streaming stores (not x86)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_streamed_outputs_are_the_bits_of_unstreamed_ones(dtype):
+    """Outputs that together reach cpu_stream_min_bytes go out through streaming stores
+    (csrc/cpu/stream_store.h): a cache line at a time, the partial lines at each row segment's ends
+    directly. Three rows of an odd length (every segment starts and ends inside a line) give the
+    bits of the same rows computed one at a time, whose outputs stay under the threshold, for
+    interpolate, decode and both gradients; and the float64 reference's values."""
+    item = torch.empty((), dtype=dtype).element_size()
+    row = STREAM_MIN // (4 * item) + 13  # one row's two outputs: half the threshold; three rows: 1.5x
+    gen = torch.Generator().manual_seed(11)
+    x, z = data(3, (row,), dtype, "cpu", gen)
+    t = torch.tensor([0.13, 0.5, 0.87])
+    g1, g2 = data(3, (row,), dtype, "cpu", gen)
+    for op, transport in (("interpolate", "Linear"), ("decode", "EDM")):
+        fn = getattr(ucgm_fast, op)
+
+        def run(a, b, tt, w1, w2):
+            a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+            out = fn(a, b, tt, transport)
+            return (*out, *torch.autograd.grad(out, (a, b), (w1, w2)))
+
+        whole = run(x, z, t, g1, g2)
+        for i in range(3):
+            alone = run(x[i:i + 1], z[i:i + 1], t[i:i + 1], g1[i:i + 1], g2[i:i + 1])
+            for k, (w, a) in enumerate(zip(whole, alone)):
+                assert torch.equal(w[i:i + 1], a), f"{op} output {k}, row {i}"
+        check_op(op, x, z, t, transport, dtype)
+
+
+@pytest.mark.skipif(STREAM_MIN is None, reason="this build has no streaming stores (not x86)")
+@pytest.mark.parametrize("transport", ["Linear", "ReLinear"])
+def test_streamed_coefficients_are_the_bits_of_unstreamed_ones(transport):
+    n = STREAM_MIN // 16 * 3 // 2 + 5  # four float32 outputs: 1.5x the threshold; a third: half
+    t = torch.rand(n, generator=torch.Generator().manual_seed(5))
+    whole = ucgm_fast.coefficients(t, transport)
+    cut = [0, n // 3 + 1, 2 * n // 3 - 3, n]  # the pieces start inside cache lines
+    for a, b in zip(cut, cut[1:]):
+        for w, p in zip(whole, ucgm_fast.coefficients(t[a:b], transport)):
+            assert torch.equal(w[a:b], p)
+    for w, e in zip(whole, reference.coefficients(t.double(), transport)):
+        assert rel_err(w, e) < 1e-6

@@ -6,6 +6,7 @@
 
 #include "../ucgm/transport.h"
 #include "parallel.h"
+#include "stream_store.h"
 #include "vec_math.h"
 
 UCGM_NAMESPACE_BEGIN
@@ -19,16 +20,20 @@ int mix_cpu(int dtype, const void* u, const void* v, const void* t, int64_t t_st
     const S* __restrict__ pu = static_cast<const S*>(u);
     const S* __restrict__ pv = static_cast<const S*>(v);
     const C* pt = static_cast<const C*>(t);
-    S* __restrict__ o1 = static_cast<S*>(out1);
-    S* __restrict__ o2 = static_cast<S*>(out2);
+    S* const out[2] = {static_cast<S*>(out1), static_cast<S*>(out2)};
+    const bool stream = worth_streaming(2 * rows * row_size * int64_t(sizeof(S)));
     for_each_row_segment(rows, row_size, [&](int64_t row, int64_t i0, int64_t i1) {
       const Mat2<C> m = mix_matrix<C>(transport, mode, pt[row * t_stride]);
+      write_outputs(stream, out, i0, i1, [&](int64_t j, auto len, S* const* o) {
+        S* __restrict__ o1 = o[0];
+        S* __restrict__ o2 = o[1];
 #pragma omp simd
-      for (int64_t i = i0; i < i1; ++i) {
-        const C a = load<C>(pu[i]), b = load<C>(pv[i]);
-        o1[i] = store<S>(m.a * a + m.b * b);
-        o2[i] = store<S>(m.c * a + m.d * b);
-      }
+        for (int64_t i = 0; i < len; ++i) {
+          const C a = load<C>(pu[j + i]), b = load<C>(pv[j + i]);
+          o1[i] = store<S>(m.a * a + m.b * b);
+          o2[i] = store<S>(m.c * a + m.d * b);
+        }
+      });
     });
     return int(kOk);
   });
@@ -52,37 +57,40 @@ int coefficients_cpu(int dtype, const void* t, int64_t n, int transport, void* a
     using S = decltype(s);
     using C = decltype(c);
     const S* pt = static_cast<const S*>(t);
-    S *ai = static_cast<S*>(alpha_in), *gi = static_cast<S*>(gamma_in);
-    S *at = static_cast<S*>(alpha_to), *gt = static_cast<S*>(gamma_to);
-    // The loop is instantiated per transport and math policy, so the coefficient switch folds
-    // away and the loop vectorizes. VecMath reads out-of-domain times as 0 (a select, so the loop
-    // stays branch-free); their results are then rewritten with libm.
-    auto run = [&](auto tr, auto math, int64_t i0, int64_t i1) {
+    S* const out[4] = {static_cast<S*>(alpha_in), static_cast<S*>(gamma_in), static_cast<S*>(alpha_to),
+                       static_cast<S*>(gamma_to)};
+    // Writes the coefficients of the times tp[i0 .. i1) to o[0..3][i0 .. i1). The loop is
+    // instantiated per transport and math policy, so the coefficient switch folds away and the
+    // loop vectorizes. VecMath reads out-of-domain times as 0 (a select, so the loop stays
+    // branch-free); their results are then rewritten with libm.
+    auto run = [&](auto tr, auto math, const S* tp, S* const* o, int64_t i0, auto i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        C ti = load<C>(pt[i]);
+        C ti = load<C>(tp[i]);
         if constexpr (std::is_same_v<decltype(math), VecMath>) ti = in_vec_domain(ti) ? ti : C(0);
         const Coeffs<C> k = coefficients<C, decltype(math)>(tr.value, ti);
-        ai[i] = store<S>(k.alpha_in);
-        gi[i] = store<S>(k.gamma_in);
-        at[i] = store<S>(k.alpha_to);
-        gt[i] = store<S>(k.gamma_to);
+        o[0][i] = store<S>(k.alpha_in);
+        o[1][i] = store<S>(k.gamma_in);
+        o[2][i] = store<S>(k.alpha_to);
+        o[3][i] = store<S>(k.gamma_to);
       }
     };
+    const bool stream = worth_streaming(4 * n * int64_t(sizeof(S)));
     // One "row" of n times split over threads. Each element's result depends on its own time only
     // (not on its neighbours, nor on where a thread's slice starts): bit-identical for any thread count.
     for_each_row_segment(1, n, [&](int64_t, int64_t i0, int64_t i1) {
       with_transport(transport, [&](auto tr) {
-        if constexpr (!transcendental(decltype(tr)::value)) {
-          run(tr, LibMath{}, i0, i1);
-        } else {
+        if constexpr (!transcendental(decltype(tr)::value)) {  // bound by memory: streamed when large
+          write_outputs(stream, out, i0, i1,
+                        [&](int64_t j, auto len, S* const* o) { run(tr, LibMath{}, pt + j, o, 0, len); });
+        } else {  // bound by arithmetic: written directly (stream_store.h)
           for (int64_t b0 = i0; b0 < i1; b0 += kVecMathBlock) {
             const int64_t b1 = std::min(i1, b0 + kVecMathBlock);
-            run(tr, VecMath{}, b0, b1);
+            run(tr, VecMath{}, pt, out, b0, b1);
             int64_t outside = 0;  // a count (not a bool &=) so the scan vectorizes
             for (int64_t i = b0; i < b1; ++i) outside += !in_vec_domain(load<C>(pt[i]));
             if (outside == 0) continue;
             for (int64_t i = b0; i < b1; ++i)
-              if (!in_vec_domain(load<C>(pt[i]))) run(tr, LibMath{}, i, i + 1);
+              if (!in_vec_domain(load<C>(pt[i]))) run(tr, LibMath{}, pt, out, i, i + 1);
           }
         }
       });
