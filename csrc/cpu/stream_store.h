@@ -27,9 +27,9 @@ UCGM_NAMESPACE_BEGIN
 constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
 
 // Whether outputs of out_bytes in all are to be streamed (never off x86). Callers whose loop is
-// bound by arithmetic do not ask: streamed, the transcendental coefficients ran slower (EDM 5.2 ->
-// 6.4 ms at 4M float32; those with sin / cos 9x slower by the line, 1.3-1.5x staged by 1 KiB).
-// bfloat16 interpolate, bound by its conversions, neither gained nor lost.
+// bound by arithmetic do not ask: streamed a line at a time, the transcendental coefficients ran
+// 1.2-1.6x slower (4M float32, medians of 40 interleaved calls: TrigFlow 5.3 -> 6.8 ms, EDM 5.1 ->
+// 8.2 ms, Random 5.8 -> 7.1 ms). bfloat16 interpolate, bound by its conversions, neither gained nor lost.
 inline bool worth_streaming(int64_t out_bytes) {
 #if defined(__SSE2__)
   return out_bytes >= kStreamMinBytes;
