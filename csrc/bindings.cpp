@@ -17,6 +17,11 @@
 #include "cpu/stream_store.h"
 
 namespace py = pybind11;
+
+namespace ucgm {
+std::atomic<int64_t> cpu_stream_min_bytes{kStreamMinBytes};  // cpu/stream_store.h
+}  // namespace ucgm
+
 using ptr = std::uintptr_t;
 
 namespace {
@@ -62,14 +67,21 @@ py::dict build_info() {
     if (ucgm::cpu_isa_supported(i)) isas.append(ucgm::kIsaNames[i]);
   d["cpu_isas"] = isas;
   d["cpu_isa"] = ucgm::kIsaNames[ucgm::cpu_isa().load()];
-  if (ucgm::worth_streaming(INT64_MAX))
-    d["cpu_stream_min_bytes"] = ucgm::kStreamMinBytes;
+  if (ucgm::kStreamingStores)
+    d["cpu_stream_min_bytes"] = ucgm::cpu_stream_min_bytes.load();
   else
     d["cpu_stream_min_bytes"] = py::none();
   return d;
 }
 
 // Selects the build of the CPU kernels by name; returns the previous one's name.
+// Sets the CPU kernels' streaming threshold (cpu/stream_store.h) and returns the previous one:
+// tests stream small outputs with 0 and turn streaming off with a huge value.
+int64_t set_cpu_stream_min_bytes(int64_t bytes) {
+  if (bytes < 0) throw std::invalid_argument("set_cpu_stream_min_bytes: bytes must be >= 0, got " + std::to_string(bytes));
+  return ucgm::cpu_stream_min_bytes.exchange(bytes);
+}
+
 std::string set_cpu_isa(const std::string& name) {
   const int isa = ucgm::cpu_isa_named(name.c_str());
   if (isa >= 0) return ucgm::kIsaNames[ucgm::cpu_isa().exchange(isa)];
@@ -82,6 +94,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "ucgm_fast compiled kernels (raw-pointer interface; use the ucgm_fast package instead).";
   m.def("build_info", &build_info);
   m.def("set_cpu_isa", &set_cpu_isa);
+  m.def("set_cpu_stream_min_bytes", &set_cpu_stream_min_bytes);
   auto gil = py::call_guard<py::gil_scoped_release>();
 
   m.def("mix_cpu", [](int dtype, ptr u, ptr v, ptr t, int64_t ts, ptr o1, ptr o2, int64_t rows, int64_t rs, int tr, int mode) {

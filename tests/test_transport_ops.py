@@ -1,11 +1,13 @@
 """coefficients / interpolate / decode: fused kernels vs the float64 eager reference."""
+import contextlib
+import itertools
 import zlib
 
 import pytest
 import torch
 
 import ucgm_fast
-from ucgm_fast import reference
+from ucgm_fast import _C, reference
 from conftest import DTYPES, assert_close_to_oracle, rel_err
 
 TRANSPORTS = ucgm_fast.TRANSPORTS
@@ -423,48 +425,93 @@ def test_coefficients_of_a_time_do_not_depend_on_its_neighbours(transport):
         torch.set_num_threads(threads)
 
 
+
 STREAM_MIN = ucgm_fast.build_info().get("cpu_stream_min_bytes")
+needs_streaming = pytest.mark.skipif(STREAM_MIN is None, reason="this build has no streaming stores (not x86)")
+STREAM_MIN_ROW_BYTES = 256  # csrc/cpu/stream_store.h kStreamMinRowBytes
 
 
-@pytest.mark.skipif(STREAM_MIN is None, reason="this build has no streaming stores (not x86)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_streamed_outputs_are_the_bits_of_unstreamed_ones(dtype):
-    """Outputs that together reach cpu_stream_min_bytes go out through streaming stores
-    (csrc/cpu/stream_store.h): a cache line at a time, the partial lines at each row segment's ends
-    directly. Three rows of an odd length (every segment starts and ends inside a line) give the
-    bits of the same rows computed one at a time, whose outputs stay under the threshold, for
-    interpolate, decode and both gradients; and the float64 reference's values."""
+@contextlib.contextmanager
+def cpu_setting(set_value, value):
+    previous = set_value(value)
+    try:
+        yield
+    finally:
+        set_value(previous)
+
+
+def streamed_and_direct(fn):
+    """fn() with every large-enough output streamed (threshold 0) and with none (a huge threshold)."""
+    with cpu_setting(_C.set_cpu_stream_min_bytes, 0):
+        assert ucgm_fast.build_info()["cpu_stream_min_bytes"] == 0
+        streamed = fn()
+    with cpu_setting(_C.set_cpu_stream_min_bytes, 1 << 62):
+        direct = fn()
+    return streamed, direct
+
+
+def mix_with_gradients(op, transport, x, z, t, w1, w2):
+    x, z = x.clone().requires_grad_(), z.clone().requires_grad_()
+    out = getattr(ucgm_fast, op)(x, z, t, transport)
+    return (*out, *torch.autograd.grad(out, (x, z), (w1, w2)))
+
+
+@needs_streaming
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_streamed_outputs_are_the_bits_of_direct_ones(dtype):
+    """Rows of at least 256 bytes stream when the outputs reach the threshold (csrc/cpu/stream_store.h):
+    whole cache lines through streaming stores, the partial lines at each row segment's ends
+    directly. Rows of odd lengths (starting and ending inside lines, from just over 256 bytes to
+    one long row), under 1 to 3 threads (which move the slices' bounds): interpolate, decode and
+    both gradients give the bits of the unstreamed call."""
     item = torch.empty((), dtype=dtype).element_size()
-    row = STREAM_MIN // (4 * item) + 13  # one row's two outputs: half the threshold; three rows: 1.5x
+    gen = torch.Generator().manual_seed(12)
+    shapes = ((600, STREAM_MIN_ROW_BYTES // item + 3), (3, 4099), (1, 100003))
+    for (rows, row), nthreads in itertools.product(shapes, (1, 2, 3)):
+        x, z = data(rows, (row,), dtype, "cpu", gen)
+        w1, w2 = data(rows, (row,), dtype, "cpu", gen)
+        t = torch.rand(rows, generator=gen)
+        for op, transport in (("interpolate", "Linear"), ("decode", "EDM")):
+            with cpu_setting(_set_threads, nthreads):
+                streamed, direct = streamed_and_direct(lambda: mix_with_gradients(op, transport, x, z, t, w1, w2))
+            for k, (s, d) in enumerate(zip(streamed, direct)):
+                assert torch.equal(s, d), f"{op} output {k}, {rows}x{row}, {nthreads} threads"
+
+
+@needs_streaming
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transport", ["Linear", "ReLinear"])
+def test_streamed_coefficients_are_the_bits_of_direct_ones(dtype, transport):
+    item = torch.empty((), dtype=dtype).element_size()
+    gen = torch.Generator().manual_seed(13)
+    for n, nthreads in itertools.product((STREAM_MIN_ROW_BYTES // item + 5, 4099, 100003), (1, 2, 3)):
+        t = torch.rand(n, generator=gen, dtype=torch.float64).to(dtype)
+        with cpu_setting(_set_threads, nthreads):
+            streamed, direct = streamed_and_direct(lambda: ucgm_fast.coefficients(t, transport))
+        for s, d in zip(streamed, direct):
+            assert torch.equal(s, d), f"{n} times, {nthreads} threads"
+
+
+@needs_streaming
+def test_outputs_past_the_default_threshold_stream_and_match_the_reference():
+    """At the default threshold (16 MiB) the float32 rows here stream: three rows of an odd length
+    whose two outputs take 1.5x the threshold. The same bits as unstreamed, and the reference's values."""
+    assert STREAM_MIN == 16 << 20
+    row = STREAM_MIN // 16 + 13
     gen = torch.Generator().manual_seed(11)
-    x, z = data(3, (row,), dtype, "cpu", gen)
+    x, z = data(3, (row,), torch.float32, "cpu", gen)
     t = torch.tensor([0.13, 0.5, 0.87])
-    g1, g2 = data(3, (row,), dtype, "cpu", gen)
     for op, transport in (("interpolate", "Linear"), ("decode", "EDM")):
         fn = getattr(ucgm_fast, op)
-
-        def run(a, b, tt, w1, w2):
-            a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
-            out = fn(a, b, tt, transport)
-            return (*out, *torch.autograd.grad(out, (a, b), (w1, w2)))
-
-        whole = run(x, z, t, g1, g2)
-        for i in range(3):
-            alone = run(x[i:i + 1], z[i:i + 1], t[i:i + 1], g1[i:i + 1], g2[i:i + 1])
-            for k, (w, a) in enumerate(zip(whole, alone)):
-                assert torch.equal(w[i:i + 1], a), f"{op} output {k}, row {i}"
-        check_op(op, x, z, t, transport, dtype)
+        streamed = fn(x, z, t, transport)
+        with cpu_setting(_C.set_cpu_stream_min_bytes, 1 << 62):
+            direct = fn(x, z, t, transport)
+        for s, d in zip(streamed, direct):
+            assert torch.equal(s, d)
+        check_op(op, x, z, t, transport, torch.float32)
 
 
-@pytest.mark.skipif(STREAM_MIN is None, reason="this build has no streaming stores (not x86)")
-@pytest.mark.parametrize("transport", ["Linear", "ReLinear"])
-def test_streamed_coefficients_are_the_bits_of_unstreamed_ones(transport):
-    n = STREAM_MIN // 16 * 3 // 2 + 5  # four float32 outputs: 1.5x the threshold; a third: half
-    t = torch.rand(n, generator=torch.Generator().manual_seed(5))
-    whole = ucgm_fast.coefficients(t, transport)
-    cut = [0, n // 3 + 1, 2 * n // 3 - 3, n]  # the pieces start inside cache lines
-    for a, b in zip(cut, cut[1:]):
-        for w, p in zip(whole, ucgm_fast.coefficients(t[a:b], transport)):
-            assert torch.equal(w[a:b], p)
-    for w, e in zip(whole, reference.coefficients(t.double(), transport)):
-        assert rel_err(w, e) < 1e-6
+def _set_threads(n):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return previous

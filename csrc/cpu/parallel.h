@@ -22,8 +22,9 @@ UCGM_NAMESPACE_BEGIN
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelGrain = 1 << 15;
 
-template <typename F>
-void for_each_row_segment(int64_t rows, int64_t row_size, F&& f) {
+// done() runs on each thread after its last segment, inside the parallel region (stream_fence).
+template <typename F, typename Done>
+void for_each_row_segment(int64_t rows, int64_t row_size, F&& f, Done&& done) {
   const int64_t n = rows * row_size;
   if (n <= 0) return;
 #ifdef _OPENMP
@@ -43,7 +44,13 @@ void for_each_row_segment(int64_t rows, int64_t row_size, F&& f) {
       f(row, i, stop);
       i = stop;
     }
+    done();
   }
+}
+
+template <typename F>
+void for_each_row_segment(int64_t rows, int64_t row_size, F&& f) {
+  for_each_row_segment(rows, row_size, f, [] {});
 }
 
 // Calls f(std::integral_constant<int, v>{}) for a runtime v in [0, N): a loop written inside f is

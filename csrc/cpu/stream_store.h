@@ -11,6 +11,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #if defined(__SSE2__)
@@ -19,30 +20,48 @@
 
 #include "../ucgm/common.h"
 
+namespace ucgm {
+// The streaming threshold in bytes, one for every instruction-set build (defined in bindings.cpp,
+// where set_cpu_stream_min_bytes changes it for tests and benchmarks). By default half this VM's
+// 32 MiB L3: smaller outputs stay cached for whoever reads them next (the model reads x_t). A
+// constant, not sysconf(_SC_LEVEL3_CACHE_SIZE): inside this VM that reports the host's 256 MiB.
+constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
+extern std::atomic<int64_t> cpu_stream_min_bytes;
+}  // namespace ucgm
+
 UCGM_NAMESPACE_BEGIN
 
-// An op streams when its outputs together reach this size: half this VM's 32 MiB L3. Smaller
-// outputs stay cached for whoever reads them next (the model reads x_t). A constant, not
-// sysconf(_SC_LEVEL3_CACHE_SIZE): inside this VM that reports the host's 256 MiB.
-constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
-
-// Whether outputs of out_bytes in all are to be streamed (never off x86). Callers whose loop is
-// bound by arithmetic do not ask: streamed a line at a time, the transcendental coefficients ran
-// 1.2-1.6x slower (4M float32, medians of 40 interleaved calls: TrigFlow 5.3 -> 6.8 ms, EDM 5.1 ->
-// 8.2 ms, Random 5.8 -> 7.1 ms). bfloat16 interpolate, bound by its conversions, neither gained nor lost.
-inline bool worth_streaming(int64_t out_bytes) {
 #if defined(__SSE2__)
-  return out_bytes >= kStreamMinBytes;
+constexpr bool kStreamingStores = true;
 #else
-  (void)out_bytes;
-  return false;
+constexpr bool kStreamingStores = false;
 #endif
+
+// Rows shorter than this (the contiguous runs a kernel writes per row) are written directly: a
+// 64-byte row has no whole line to stream, and streaming rows of 16 float32 ran slower than not.
+constexpr int64_t kStreamMinRowBytes = 256;
+
+// Whether a kernel streams the outputs out[0..K): out_bytes of them in all (at least the
+// threshold), rows of row_bytes, every output starting on a cache line (fresh torch allocations
+// are 64-byte aligned). Loops bound by arithmetic do not ask: streamed a line at a time, the
+// transcendental coefficients ran 1.2-1.6x slower (4M float32, medians of 40 interleaved calls:
+// TrigFlow 5.3 -> 6.8 ms, EDM 5.1 -> 8.2 ms, Random 5.8 -> 7.1 ms). bfloat16 interpolate, bound by
+// its conversions, neither gained nor lost.
+template <int K, typename S>
+bool streamable(S* const (&out)[K], int64_t out_bytes, int64_t row_bytes) {
+  if (!kStreamingStores || row_bytes < kStreamMinRowBytes ||
+      out_bytes < cpu_stream_min_bytes.load(std::memory_order_relaxed))
+    return false;
+  for (int k = 0; k < K; ++k)
+    if (reinterpret_cast<uintptr_t>(out[k]) % 64 != 0) return false;
+  return true;
 }
 
 // Calls body(j, len, o) over [i0, i1) in pieces, where o[k][0 .. len) are to receive output k's
-// elements [j, j + len): out[k] + j itself, or a one-line buffer that is then streamed to it. The
-// lines have len an std::integral_constant, so their loop unrolls. Streaming takes outputs that
-// start on a cache line (fresh torch allocations are 64-byte aligned); others are written directly.
+// elements [j, j + len): out[k] + j itself, or, when stream (streamable(out, ...)), a one-line
+// buffer that is then streamed to it. The lines have len an std::integral_constant, so their loop
+// unrolls; the partial lines at the ends are written directly. The caller ends each thread's
+// streamed work with stream_fence().
 template <int K, typename S, typename Body>
 void write_outputs(bool stream, S* const (&out)[K], int64_t i0, int64_t i1, Body&& body) {
   S* o[K];
@@ -51,9 +70,7 @@ void write_outputs(bool stream, S* const (&out)[K], int64_t i0, int64_t i1, Body
   constexpr int64_t kLine = 64 / int64_t(sizeof(S));
   static_assert(64 % sizeof(S) == 0, "an element must not straddle a cache line");
   const int64_t a = std::min(i1, (i0 + kLine - 1) / kLine * kLine), b = std::max(a, i1 / kLine * kLine);
-  bool aligned = true;
-  for (int k = 0; k < K; ++k) aligned &= reinterpret_cast<uintptr_t>(out[k]) % 64 == 0;
-  if (stream && aligned && b > a) {
+  if (stream && b > a) {
     body(i0, a - i0, o);  // the partial line before the first full one
     alignas(64) S line[K][kLine];
     S* l[K];
@@ -68,13 +85,21 @@ void write_outputs(bool stream, S* const (&out)[K], int64_t i0, int64_t i1, Body
     }
     for (int k = 0; k < K; ++k) o[k] = out[k] + b;
     body(b, i1 - b, o);  // the partial line after the last full one
-    // Streaming stores are weakly ordered: the fence makes them visible before the thread leaves
-    // the parallel region (after which other threads and the caller read the outputs).
-    _mm_sfence();
     return;
   }
 #endif
+  (void)stream;
   body(i0, i1 - i0, o);
+}
+
+// Streaming stores are weakly ordered: a thread fences once after its last one, before it leaves
+// the parallel region (after which other threads and the caller read the outputs). Once per
+// thread, not per row: a fence per row made interpolate of 4M float32 1.3x (rows of 256) to 3.8x
+// (rows of 16) slower.
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 UCGM_NAMESPACE_END

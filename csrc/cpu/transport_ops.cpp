@@ -21,7 +21,8 @@ int mix_cpu(int dtype, const void* u, const void* v, const void* t, int64_t t_st
     const S* __restrict__ pv = static_cast<const S*>(v);
     const C* pt = static_cast<const C*>(t);
     S* const out[2] = {static_cast<S*>(out1), static_cast<S*>(out2)};
-    const bool stream = worth_streaming(2 * rows * row_size * int64_t(sizeof(S)));
+    const int64_t row_bytes = row_size * int64_t(sizeof(S));
+    const bool stream = streamable(out, 2 * rows * row_bytes, row_bytes);
     for_each_row_segment(rows, row_size, [&](int64_t row, int64_t i0, int64_t i1) {
       const Mat2<C> m = mix_matrix<C>(transport, mode, pt[row * t_stride]);
       write_outputs(stream, out, i0, i1, [&](int64_t j, auto len, S* const* o) {
@@ -34,7 +35,7 @@ int mix_cpu(int dtype, const void* u, const void* v, const void* t, int64_t t_st
           o2[i] = store<S>(m.c * a + m.d * b);
         }
       });
-    });
+    }, [&] { if (stream) stream_fence(); });
     return int(kOk);
   });
 }
@@ -74,7 +75,8 @@ int coefficients_cpu(int dtype, const void* t, int64_t n, int transport, void* a
         o[3][i] = store<S>(k.gamma_to);
       }
     };
-    const bool stream = worth_streaming(4 * n * int64_t(sizeof(S)));
+    const int64_t bytes = n * int64_t(sizeof(S));
+    const bool stream = !transcendental(transport) && streamable(out, 4 * bytes, bytes);
     // One "row" of n times split over threads. Each element's result depends on its own time only
     // (not on its neighbours, nor on where a thread's slice starts): bit-identical for any thread count.
     for_each_row_segment(1, n, [&](int64_t, int64_t i0, int64_t i1) {
@@ -82,7 +84,7 @@ int coefficients_cpu(int dtype, const void* t, int64_t n, int transport, void* a
         if constexpr (!transcendental(decltype(tr)::value)) {  // bound by memory: streamed when large
           write_outputs(stream, out, i0, i1,
                         [&](int64_t j, auto len, S* const* o) { run(tr, LibMath{}, pt + j, o, 0, len); });
-        } else {  // bound by arithmetic: written directly (stream_store.h)
+        } else {  // bound by arithmetic: written directly (stream_store.h, streamable)
           for (int64_t b0 = i0; b0 < i1; b0 += kVecMathBlock) {
             const int64_t b1 = std::min(i1, b0 + kVecMathBlock);
             run(tr, VecMath{}, pt, out, b0, b1);
@@ -94,7 +96,7 @@ int coefficients_cpu(int dtype, const void* t, int64_t n, int transport, void* a
           }
         }
       });
-    });
+    }, [&] { if (stream) stream_fence(); });
     return int(kOk);
   });
 }

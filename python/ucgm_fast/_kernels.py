@@ -167,9 +167,9 @@ def build_info() -> dict:
     ``cpu_isas`` lists the instruction-set builds of the CPU kernels this CPU can run and
     ``cpu_isa`` the one in use (the best, unless the UCGM_CPU_ISA environment variable chose).
     ``cpu_stream_min_bytes``: on CPU, interpolate, decode (and their gradients) and the
-    coefficients of Linear / ReLinear write outputs that together reach this many bytes with
-    streaming (non-temporal) stores, which skip reading each line before writing it; None: never
-    (off x86).
+    coefficients of Linear / ReLinear write outputs that together reach this many bytes, in rows of
+    at least 256 bytes, with streaming (non-temporal) stores, which skip reading each line before
+    writing it; None: never (off x86). ``ucgm_fast._C.set_cpu_stream_min_bytes`` changes it.
     """
     if _C is None:
         return {"cpu": False, "cuda": False, "openmp": False, "error": str(IMPORT_ERROR)}
