@@ -425,7 +425,6 @@ def test_coefficients_of_a_time_do_not_depend_on_its_neighbours(transport):
         torch.set_num_threads(threads)
 
 
-
 STREAM_MIN = ucgm_fast.build_info().get("cpu_stream_min_bytes")
 needs_streaming = pytest.mark.skipif(STREAM_MIN is None, reason="this build has no streaming stores (not x86)")
 STREAM_MIN_ROW_BYTES = 256  # csrc/cpu/stream_store.h kStreamMinRowBytes
@@ -438,6 +437,12 @@ def cpu_setting(set_value, value):
         yield
     finally:
         set_value(previous)
+
+
+def _set_threads(n):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return previous
 
 
 def streamed_and_direct(fn):
@@ -509,9 +514,3 @@ def test_outputs_past_the_default_threshold_stream_and_match_the_reference():
         for s, d in zip(streamed, direct):
             assert torch.equal(s, d)
         check_op(op, x, z, t, transport, torch.float32)
-
-
-def _set_threads(n):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    return previous
