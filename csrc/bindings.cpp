@@ -74,7 +74,6 @@ py::dict build_info() {
   return d;
 }
 
-// Selects the build of the CPU kernels by name; returns the previous one's name.
 // Sets the CPU kernels' streaming threshold (cpu/stream_store.h) and returns the previous one:
 // tests stream small outputs with 0 and turn streaming off with a huge value.
 int64_t set_cpu_stream_min_bytes(int64_t bytes) {
@@ -82,6 +81,7 @@ int64_t set_cpu_stream_min_bytes(int64_t bytes) {
   return ucgm::cpu_stream_min_bytes.exchange(bytes);
 }
 
+// Selects the build of the CPU kernels by name; returns the previous one's name.
 std::string set_cpu_isa(const std::string& name) {
   const int isa = ucgm::cpu_isa_named(name.c_str());
   if (isa >= 0) return ucgm::kIsaNames[ucgm::cpu_isa().exchange(isa)];

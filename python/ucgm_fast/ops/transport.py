@@ -7,7 +7,6 @@ validate their arguments, put ``t`` in its (B,) form and call the op; a user-def
 """
 from __future__ import annotations
 
-
 import torch
 
 from ..reference import transport as reference
