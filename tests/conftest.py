@@ -1,4 +1,6 @@
 """Shared test fixtures: devices to run on, the per-dtype tolerance table, error helpers."""
+import contextlib
+
 import pytest
 import torch
 
@@ -45,6 +47,23 @@ def assert_same_bits(outs):
             assert a.dtype == b.dtype and a.shape == b.shape
             same = torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
             assert same, f"max diff {(a.double() - b.double()).abs().max()}"
+
+
+@contextlib.contextmanager
+def cpu_setting(set_value, value):
+    """set_value(value) for the block, then the previous value back (set_value returns it)."""
+    previous = set_value(value)
+    try:
+        yield
+    finally:
+        set_value(previous)
+
+
+def set_num_threads(n: int) -> int:
+    """torch.set_num_threads(n); returns the previous count (for cpu_setting)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return previous
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,14 +4,12 @@ The rest of the suite runs whichever build this CPU selects (AVX2 where it can);
 runs under each build on the same inputs and the results are compared bit for bit (the loss's
 per-row sums, whose order follows the vector width, to the last few bits).
 """
-import contextlib
-
 import pytest
 import torch
 
 import ucgm_fast
 from ucgm_fast import _C
-from conftest import assert_same_bits
+from conftest import assert_same_bits, cpu_setting
 
 ISAS = ucgm_fast.build_info()["cpu_isas"]
 pytestmark = pytest.mark.skipif(len(ISAS) < 2, reason="only one CPU instruction-set build here")
@@ -19,13 +17,8 @@ pytestmark = pytest.mark.skipif(len(ISAS) < 2, reason="only one CPU instruction-
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-@contextlib.contextmanager
 def cpu_isa(name):
-    previous = _C.set_cpu_isa(name)
-    try:
-        yield
-    finally:
-        _C.set_cpu_isa(previous)
+    return cpu_setting(_C.set_cpu_isa, name)
 
 
 def under_each_isa(fn):

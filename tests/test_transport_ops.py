@@ -1,5 +1,4 @@
 """coefficients / interpolate / decode: fused kernels vs the float64 eager reference."""
-import contextlib
 import itertools
 import zlib
 
@@ -8,7 +7,7 @@ import torch
 
 import ucgm_fast
 from ucgm_fast import _C, reference
-from conftest import DTYPES, assert_close_to_oracle, rel_err
+from conftest import DTYPES, assert_close_to_oracle, cpu_setting, rel_err, set_num_threads
 
 TRANSPORTS = ucgm_fast.TRANSPORTS
 # (B, feature shape): awkward sizes, a single sample, a large odd row.
@@ -416,33 +415,14 @@ def test_coefficients_of_a_time_do_not_depend_on_its_neighbours(transport):
     for k, i in enumerate(range(0, 70001, 997 * 7)):
         for a, b in zip(out, alone[k]):
             assert torch.equal(a[i:i + 1], b) or (a[i].isnan() and b[0].isnan())
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)
+    with cpu_setting(set_num_threads, 3):
         for a, b in zip(ucgm_fast.coefficients(spoiled, transport), out):
             assert torch.equal(a.nan_to_num(), b.nan_to_num())
-    finally:
-        torch.set_num_threads(threads)
 
 
 STREAM_MIN = ucgm_fast.build_info().get("cpu_stream_min_bytes")
 needs_streaming = pytest.mark.skipif(STREAM_MIN is None, reason="this build has no streaming stores (not x86)")
 STREAM_MIN_ROW_BYTES = 256  # csrc/cpu/stream_store.h kStreamMinRowBytes
-
-
-@contextlib.contextmanager
-def cpu_setting(set_value, value):
-    previous = set_value(value)
-    try:
-        yield
-    finally:
-        set_value(previous)
-
-
-def _set_threads(n):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    return previous
 
 
 def streamed_and_direct(fn):
@@ -477,7 +457,7 @@ def test_streamed_outputs_are_the_bits_of_direct_ones(dtype):
         w1, w2 = data(rows, (row,), dtype, "cpu", gen)
         t = torch.rand(rows, generator=gen)
         for op, transport in (("interpolate", "Linear"), ("decode", "EDM")):
-            with cpu_setting(_set_threads, nthreads):
+            with cpu_setting(set_num_threads, nthreads):
                 streamed, direct = streamed_and_direct(lambda: mix_with_gradients(op, transport, x, z, t, w1, w2))
             for k, (s, d) in enumerate(zip(streamed, direct)):
                 assert torch.equal(s, d), f"{op} output {k}, {rows}x{row}, {nthreads} threads"
@@ -491,7 +471,7 @@ def test_streamed_coefficients_are_the_bits_of_direct_ones(dtype, transport):
     gen = torch.Generator().manual_seed(13)
     for n, nthreads in itertools.product((STREAM_MIN_ROW_BYTES // item + 5, 4099, 100003), (1, 2, 3)):
         t = torch.rand(n, generator=gen, dtype=torch.float64).to(dtype)
-        with cpu_setting(_set_threads, nthreads):
+        with cpu_setting(set_num_threads, nthreads):
             streamed, direct = streamed_and_direct(lambda: ucgm_fast.coefficients(t, transport))
         for s, d in zip(streamed, direct):
             assert torch.equal(s, d), f"{n} times, {nthreads} threads"
