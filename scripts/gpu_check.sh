@@ -20,17 +20,13 @@
 # A device lease of 15 minutes (start included) holds one such call. E2E_ARGS (default --quick) passes
 # options to the end-to-end benchmark: E2E_ARGS="" runs the full set (DiT-B/2 and DiT-XL/2 training
 # steps at both lambdas, model eager and compiled); every end-to-end row has been measured on the
-# H100 (2026-11-27). The full op set (216 rows, about 9 minutes) needs more than one call; its
-# objective and sampler groups ran on 2026-11-27. The next lease makes two calls, the second right
-# after the first (a machine is given back after 30 idle seconds):
-# 1. the CUDA tests, the quick op rows (the covering grids of eee8533: coefficients >= 90% of copy?),
-#    the objective profile and the variants (about 4-5 minutes):
+# H100 (2026-11-27). The full op set (240 rows, about 8 minutes on the H100) needs more than one
+# call; every row of it has run there (2026-11-27, in three calls over two leases: --match
+# '^(interpolate|decode|coefficients)/' selects the transport group, --ops objective sampler the rest).
+# A lease with nothing new to measure makes one call: the CUDA tests, the quick op rows, the objective
+# profile and the variants (about 4 minutes):
 #   DEADLINE=330 TEST_TIMEOUT=150 BENCH_TIMEOUT=100 PYTEST_ARGS="-q tests -k cuda" \
 #     STAGES="install tests bench profile variants" bash scripts/gpu_check.sh
-# 2. the rest of the full op set: the transport group and the bf16 objective rows that failed before
-#    491e25b (99 rows, about 4-5 minutes):
-#   DEADLINE=330 STAGES="install bench" BENCH_TIMEOUT=300 \
-#     BENCH_ARGS="--match ^(interpolate|decode|coefficients)/|^objective/.*lambda=1.*bfloat16" bash scripts/gpu_check.sh
 # (E2E_SUFFIX, default _e2e, names that stage's result files: <gpu><suffix>.*; BENCH_ARGS, default
 # --quick, passes options to the op benchmark).
 # Results: <gpu>.{json,md,png}, <gpu>_e2e.*, <gpu>_pytest.log, <gpu>_profile.txt and <gpu>_variants.txt

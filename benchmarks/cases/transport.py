@@ -7,6 +7,7 @@ torch.compile of it write only three: their rows carry a note (:data:`ALIASED`).
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -67,19 +68,18 @@ def cases(plan: Plan):
             for size, shape, dtype in rows:
                 yield Case(GROUP, op, transport, shape, dtype, size,
                            partial(_pair_workload, plan, op, transport, shape, dtype))
-    # t is one time per sample: (B,) at training sizes; at the large size a flat tensor of as many
-    # elements as the data, where the kernel's memory traffic (not its launch) is what is measured.
+    # t is one time per sample: (B,) at training sizes. A flat t of as many elements as the data
+    # measures the kernel itself: at training sizes (1M, 2M) against torch.compile's launch, at the
+    # large size its memory traffic.
     seen = set()
     for transport in transports:
         for size, shape, dtype in rows:
-            numel = 1
-            for s in shape:
-                numel *= s
             if plan.quick and dtype != torch.float32:
                 continue  # an elementwise map of t: bfloat16 adds compile time, not information
-            t_shape = (numel,) if size == "large" else (shape[0],)
-            if (transport, t_shape, dtype) in seen:
-                continue
-            seen.add((transport, t_shape, dtype))
-            yield Case(GROUP, "coefficients", transport, t_shape, dtype, size,
-                       partial(_coefficients_workload, plan, transport, t_shape, dtype))
+            flat = (math.prod(shape),)
+            for t_shape in (flat,) if size == "large" else ((shape[0],), flat):
+                if (transport, t_shape, dtype) in seen:
+                    continue
+                seen.add((transport, t_shape, dtype))
+                yield Case(GROUP, "coefficients", transport, t_shape, dtype, size,
+                           partial(_coefficients_workload, plan, transport, t_shape, dtype))
